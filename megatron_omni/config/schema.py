@@ -1,0 +1,474 @@
+"""Configuration dataclasses for megatron-omni.
+
+Every field carries a docstring right under it (the convention of megatron-core's
+``TransformerConfig``): that text is what ``python -m megatron_omni.config --explain`` prints.
+Field-local checks live in ``__post_init__``; checks that combine sections (heads vs tensor
+parallelism, layers vs pipeline stages, ...) live in :mod:`megatron_omni.config.validate`, which
+runs before any process group is created.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """An invalid configuration. The message says which field to change and how."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class LLMConfig:
+    """The shared decoder-only LLM (Llama-3 architecture with M-RoPE)."""
+
+    num_layers: int = 2
+    """Number of transformer layers (32 for Llama-3.1-8B, 80 for Llama-3.3-70B)."""
+
+    hidden_size: int = 64
+    """Model width (4096 for 8B, 8192 for 70B)."""
+
+    ffn_hidden_size: int = 192
+    """SwiGLU intermediate width (14336 for 8B, 28672 for 70B)."""
+
+    num_attention_heads: int = 4
+    """Query heads (32 for 8B, 64 for 70B)."""
+
+    num_query_groups: int = 2
+    """Key/value heads for grouped-query attention (8 for both Llama-3 sizes)."""
+
+    kv_channels: Optional[int] = None
+    """Head dimension; None means hidden_size // num_attention_heads (128 for Llama-3)."""
+
+    vocab_size: int = 512
+    """Vocabulary before padding: base tokenizer + M2-omni special tokens + speech codes."""
+
+    make_vocab_size_divisible_by: int = 128
+    """The embedding is padded to a multiple of this times the tensor-parallel size."""
+
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon (Llama-3 uses 1e-5)."""
+
+    rotary_base: float = 500000.0
+    """RoPE theta (5e5 for Llama-3)."""
+
+    rope_scaling: bool = True
+    """Apply Llama-3.1 rope frequency scaling to the rotary frequencies."""
+
+    rope_scaling_factor: float = 8.0
+    """Llama-3.1 scaling: factor."""
+
+    rope_low_freq_factor: float = 1.0
+    """Llama-3.1 scaling: low_freq_factor."""
+
+    rope_high_freq_factor: float = 4.0
+    """Llama-3.1 scaling: high_freq_factor."""
+
+    rope_original_max_position: int = 8192
+    """Llama-3.1 scaling: original_max_position_embeddings."""
+
+    mrope_section: list[int] = field(default_factory=lambda: [2, 3, 3])
+    """M-RoPE split of the head_dim/2 rotary frequency pairs into (temporal, height, width);
+    (16, 24, 24) for head_dim 128. Must sum to kv_channels // 2."""
+
+    max_position_embeddings: int = 131072
+    """Longest sequence the rotary tables are built for."""
+
+    init_method_std: float = 0.02
+    """Std of the normal initialisation of weights trained from scratch."""
+
+    untie_embeddings_and_output_weights: bool = True
+    """Llama-3 uses separate input embedding and output (lm_head) matrices."""
+
+    def __post_init__(self):
+        _check(self.num_layers >= 1, "model.llm.num_layers must be >= 1")
+        _check(self.hidden_size > 0 and self.ffn_hidden_size > 0, "model.llm sizes must be > 0")
+        _check(
+            self.num_attention_heads % self.num_query_groups == 0,
+            f"model.llm.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+            f"model.llm.num_query_groups ({self.num_query_groups}) for grouped-query attention",
+        )
+        if self.kv_channels is None:
+            _check(
+                self.hidden_size % self.num_attention_heads == 0,
+                f"model.llm.hidden_size ({self.hidden_size}) is not divisible by "
+                f"num_attention_heads ({self.num_attention_heads}); set model.llm.kv_channels",
+            )
+        _check(
+            len(self.mrope_section) == 3,
+            f"model.llm.mrope_section must have 3 entries (temporal, height, width), got "
+            f"{self.mrope_section}",
+        )
+        _check(
+            sum(self.mrope_section) == self.head_dim // 2,
+            f"model.llm.mrope_section {list(self.mrope_section)} sums to {sum(self.mrope_section)}"
+            f" but must sum to head_dim/2 = {self.head_dim // 2}; e.g. (16, 24, 24) for head_dim "
+            f"128",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class VisionConfig:
+    """Qwen2-VL vision transformer (NaViT) and its 2x2 patch merger."""
+
+    enabled: bool = True
+    """Build the vision encoder."""
+
+    depth: int = 2
+    """Number of ViT blocks (32 in Qwen2-VL)."""
+
+    hidden_size: int = 32
+    """ViT width (1280 in Qwen2-VL)."""
+
+    num_heads: int = 2
+    """ViT attention heads (16 in Qwen2-VL)."""
+
+    mlp_ratio: float = 4.0
+    """ViT MLP width = mlp_ratio * hidden_size."""
+
+    patch_size: int = 14
+    """Spatial patch size in pixels."""
+
+    temporal_patch_size: int = 2
+    """Frames per temporal patch (a still image is repeated to fill it)."""
+
+    spatial_merge_size: int = 2
+    """Patch merger groups spatial_merge_size^2 neighbouring patches into one LLM token."""
+
+    in_channels: int = 3
+    """Image channels."""
+
+    merger_hidden_size: Optional[int] = None
+    """Output width of the patch merger (the projector's input); None = LLM hidden size."""
+
+    def __post_init__(self):
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            f"model.vision.hidden_size ({self.hidden_size}) must be divisible by "
+            f"model.vision.num_heads ({self.num_heads})",
+        )
+        _check(
+            (self.hidden_size // self.num_heads) % 4 == 0,
+            "model.vision head dim must be a multiple of 4 (2-D rotary splits it in halves of pairs)",
+        )
+
+
+@dataclass
+class AudioConfig:
+    """SAN-M (Paraformer) audio encoder; runs in fp32."""
+
+    enabled: bool = True
+    """Build the audio encoder."""
+
+    input_size: int = 560
+    """Feature width after LFR stacking (80 mel x 7)."""
+
+    hidden_size: int = 32
+    """Encoder width (512 in Paraformer)."""
+
+    num_heads: int = 2
+    """Attention heads (4 in Paraformer)."""
+
+    ffn_hidden_size: int = 64
+    """Feed-forward width (2048 in Paraformer)."""
+
+    num_blocks: int = 2
+    """Number of SAN-M blocks including the first (50 in Paraformer)."""
+
+    kernel_size: int = 11
+    """FSMN memory block kernel."""
+
+    sanm_shift: int = 0
+    """Shift of the FSMN window (FunASR's sanm_shfit)."""
+
+    frames_per_token: int = 3
+    """Encoder frames concatenated into one LLM token (180 ms)."""
+
+    tokens_per_clip: int = 256
+    """Every clip is truncated/padded to exactly this many LLM tokens."""
+
+    def __post_init__(self):
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            f"model.audio.hidden_size ({self.hidden_size}) must be divisible by num_heads "
+            f"({self.num_heads})",
+        )
+        _check(self.kernel_size % 2 == 1, "model.audio.kernel_size must be odd")
+
+
+@dataclass
+class ProjectorConfig:
+    """Linear projectors from encoders into the LLM (outputs are L2-normalised)."""
+
+    vision_depth: int = 1
+    """1 = Linear; each extra depth adds (GELU, Linear). The release's `mlp_depths`."""
+
+    audio_depth: int = 1
+    """Same for the audio projector (input 3 * audio width)."""
+
+    def __post_init__(self):
+        _check(self.vision_depth >= 1 and self.audio_depth >= 1, "projector depths must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    """The whole omni model."""
+
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    """The language model."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """The vision encoder."""
+
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    """The audio encoder."""
+
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    """The projectors."""
+
+    speech_codebook_size: int = 4096
+    """Number of discrete speech-output codes added to the vocabulary."""
+
+    transformer_impl: str = "auto"
+    """Layer implementation: 'transformer_engine' (GPU, FP8-capable, THD packed attention),
+    'local' (megatron-core modules + our varlen SDPA attention; CPU), or 'auto' (TE when CUDA and
+    Transformer Engine are present, else local). Asking for TE where it is missing is an error."""
+
+    attention_backend: str = "auto"
+    """Local-spec core attention for packed rows: 'sdpa' (block-diagonal causal mask) or 'auto'."""
+
+    def __post_init__(self):
+        _check(
+            self.transformer_impl in ("auto", "local", "transformer_engine"),
+            f"model.transformer_impl must be auto|local|transformer_engine, got "
+            f"{self.transformer_impl!r}",
+        )
+        _check(self.speech_codebook_size >= 0, "model.speech_codebook_size must be >= 0")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and data are split over devices (megatron-core parallel_state)."""
+
+    tensor_model_parallel_size: int = 1
+    """TP: shards every linear layer over this many devices (within a node)."""
+
+    pipeline_model_parallel_size: int = 1
+    """PP: number of pipeline stages; encoders live on the first stage."""
+
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Interleaved schedule: model chunks per pipeline stage (None = not interleaved)."""
+
+    context_parallel_size: int = 1
+    """CP: splits long sequences (needs Transformer Engine attention)."""
+
+    sequence_parallel: bool = False
+    """Shard LayerNorm/dropout activations along the sequence over the TP group."""
+
+    first_stage_num_layers: Optional[int] = None
+    """LLM layers on the first pipeline stage (it also carries the encoders, so it may get
+    fewer); None = an even split."""
+
+    backend: str = "auto"
+    """torch.distributed backend: 'nccl', 'gloo' or 'auto' (NCCL when CUDA is present)."""
+
+    distributed_timeout_minutes: int = 10
+    """Timeout for collective operations."""
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "context_parallel_size"):
+            _check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1")
+        _check(self.backend in ("auto", "nccl", "gloo"),
+               f"parallel.backend must be auto|nccl|gloo, got {self.backend!r}")
+        if self.virtual_pipeline_model_parallel_size is not None:
+            _check(
+                self.pipeline_model_parallel_size > 1,
+                "parallel.virtual_pipeline_model_parallel_size needs "
+                "parallel.pipeline_model_parallel_size > 1; unset it or raise PP",
+            )
+            _check(self.virtual_pipeline_model_parallel_size >= 2,
+                   "parallel.virtual_pipeline_model_parallel_size must be >= 2 (or null)")
+        if self.sequence_parallel:
+            _check(
+                self.tensor_model_parallel_size > 1,
+                "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1",
+            )
+
+
+@dataclass
+class DataConfig:
+    """What is read and how it is packed."""
+
+    path: Optional[str] = None
+    """Directory of prepared Energon datasets (one sub-directory per modality)."""
+
+    modalities: list[str] = field(default_factory=lambda: ["text"])
+    """Modalities trained in this stage; each is one micro-batch group per optimizer step."""
+
+    seq_length: int = 128
+    """Tokens per packed row."""
+
+    micro_batch_size: int = 1
+    """Packed rows per micro-batch."""
+
+    pure_text_ratio: float = 0.0
+    """Fraction of pure-text rows mixed in (about 0.25 whenever the LLM trains)."""
+
+    max_images_per_row: int = 16
+    """Media budget of one packed row."""
+
+    max_vision_patches_per_row: int = 16384
+    """Vision patches (14-px, before merging) allowed per packed row."""
+
+    media_backend: str = "auto"
+    """Media decoding: 'dali', 'cpu' or 'auto' (DALI when importable)."""
+
+    tokenizer: Optional[str] = None
+    """Path of tokenizer.json or a SentencePiece model."""
+
+    num_workers: int = 0
+    """Data-loader worker processes per rank."""
+
+    seed: int = 1234
+    """Shuffle seed."""
+
+    def __post_init__(self):
+        _check(self.seq_length >= 8, "data.seq_length must be >= 8")
+        _check(self.micro_batch_size >= 1, "data.micro_batch_size must be >= 1")
+        _check(0.0 <= self.pure_text_ratio < 1.0, "data.pure_text_ratio must be in [0, 1)")
+        _check(self.media_backend in ("auto", "dali", "cpu"),
+               f"data.media_backend must be auto|dali|cpu, got {self.media_backend!r}")
+        _check(len(self.modalities) > 0, "data.modalities must name at least one modality")
+        known = {"text", "image", "video", "audio", "interleaved", "gen_audio", "gen_image"}
+        bad = [m for m in self.modalities if m not in known]
+        _check(not bad, f"data.modalities has unknown {bad}; known: {sorted(known)}")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation and run control."""
+
+    train_iters: int = 10
+    """Optimizer steps in this stage."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+
+    min_lr: float = 3e-5
+    """Learning rate at the end of cosine decay."""
+
+    lr_warmup_iters: int = 0
+    """Linear warm-up steps."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+
+    clip_grad: float = 1.0
+    """Gradient-norm clip (0 disables)."""
+
+    num_micro_batches: int = 1
+    """Micro-batches per modality group per optimizer step (gradient accumulation)."""
+
+    bf16: bool = False
+    """bf16 parameters/activations (GPU); CPU runs stay fp32."""
+
+    fp8: Optional[str] = None
+    """FP8 GEMMs via Transformer Engine: None, 'hybrid' or 'e4m3' (GPU only)."""
+
+    use_distributed_optimizer: bool = False
+    """Shard optimizer states over data-parallel ranks (megatron-core DistributedOptimizer)."""
+
+    recompute_granularity: Optional[str] = None
+    """Activation recomputation: None, 'full' or 'selective'."""
+
+    seed: int = 1234
+    """Model initialisation / dropout seed."""
+
+    log_interval: int = 1
+    """Steps between log lines."""
+
+    save: Optional[str] = None
+    """Checkpoint directory (None = no checkpoints)."""
+
+    save_interval: int = 0
+    """Steps between checkpoints (0 = only at the end / on signal)."""
+
+    def __post_init__(self):
+        _check(self.train_iters >= 0, "training.train_iters must be >= 0")
+        _check(self.lr >= 0 and self.min_lr >= 0, "training.lr and min_lr must be >= 0")
+        _check(self.min_lr <= self.lr, "training.min_lr must be <= training.lr")
+        _check(self.num_micro_batches >= 1, "training.num_micro_batches must be >= 1")
+        _check(self.fp8 in (None, "hybrid", "e4m3"),
+               f"training.fp8 must be null|hybrid|e4m3, got {self.fp8!r}")
+        _check(self.recompute_granularity in (None, "full", "selective"),
+               "training.recompute_granularity must be null|full|selective")
+
+
+@dataclass
+class StageConfig:
+    """Which training stage this is and what trains in it."""
+
+    name: str = "custom"
+    """pt1, pt2, pt3, it1, it2, it3, at or custom."""
+
+    train_vision: bool = True
+    """Vision encoder receives gradients."""
+
+    train_audio: bool = True
+    """Audio encoder receives gradients."""
+
+    train_projectors: bool = True
+    """Projectors receive gradients."""
+
+    train_llm: bool = True
+    """LLM receives gradients."""
+
+    balance: str = "none"
+    """Loss balance across modality groups: none, step (PT-3) or dynamic (IT-3)."""
+
+    init_from: Optional[str] = None
+    """Previous stage's checkpoint: weights only, fresh optimizer."""
+
+    def __post_init__(self):
+        names = ("pt1", "pt2", "pt3", "it1", "it2", "it3", "at", "custom")
+        _check(self.name in names, f"stage.name must be one of {names}, got {self.name!r}")
+        _check(self.balance in ("none", "step", "dynamic"),
+               f"stage.balance must be none|step|dynamic, got {self.balance!r}")
+
+
+@dataclass
+class OmniConfig:
+    """The root of a run configuration (one YAML file)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data."""
+
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Optimisation and run control."""
+
+    stage: StageConfig = field(default_factory=StageConfig)
+    """Training stage."""

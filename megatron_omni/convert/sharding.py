@@ -1,0 +1,105 @@
+"""Split full (TP=1, PP=1) megatron-core state dicts into per-rank shards and back.
+
+The rules follow megatron-core's tensor-parallel layers:
+
+* column-parallel weights (``linear_qkv``, ``linear_fc1``, word embeddings, ``output_layer``) are
+  split along dim 0; ``linear_qkv`` is stored group-major (per KV group: its query heads, then its
+  key head, then its value head), so a contiguous split hands each rank whole KV groups;
+* gated MLPs store ``linear_fc1`` as ``[gate; up]`` on every rank, so gate and up are split
+  separately and re-concatenated per rank;
+* row-parallel weights (``linear_proj``, ``linear_fc2``) are split along dim 1;
+* norms and anything else are replicated.
+
+Pipeline stages hold a contiguous range of global layers; their local names count from 0.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional
+
+import torch
+
+_LAYER = re.compile(r"^(?P<pre>(?:.*\.)?layers\.)(?P<idx>\d+)(?P<post>\..*)$")
+
+COLUMN_SUFFIXES = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias",
+                   "word_embeddings.weight", "output_layer.weight")
+ROW_SUFFIXES = ("linear_proj.weight", "linear_fc2.weight")
+GATED_SUFFIXES = ("mlp.linear_fc1.weight",)
+
+
+def partition_dim(name: str) -> Optional[int]:
+    """0 for column-parallel, 1 for row-parallel, None for replicated parameters."""
+    if name.endswith(COLUMN_SUFFIXES):
+        return 0
+    if name.endswith(ROW_SUFFIXES):
+        return 1
+    return None
+
+
+def _is_gated(name: str, gated: bool) -> bool:
+    return gated and name.endswith(GATED_SUFFIXES)
+
+
+def shard_tensor(name: str, tensor: torch.Tensor, tp_rank: int, tp_size: int,
+                 gated_mlp: bool = True) -> torch.Tensor:
+    """This TP rank's part of a full tensor."""
+    dim = partition_dim(name)
+    if dim is None or tp_size == 1:
+        return tensor
+    if tensor.shape[dim] % tp_size:
+        raise ValueError(f"{name}: dim {dim} of size {tensor.shape[dim]} does not split over "
+                         f"TP={tp_size}")
+    if _is_gated(name, gated_mlp):
+        gate, up = tensor.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], 0)
+    return tensor.chunk(tp_size, dim=dim)[tp_rank]
+
+
+def unshard_tensor(name: str, shards: list[torch.Tensor], gated_mlp: bool = True
+                   ) -> torch.Tensor:
+    """Inverse of :func:`shard_tensor` given every TP rank's part in rank order."""
+    dim = partition_dim(name)
+    if dim is None or len(shards) == 1:
+        return shards[0]
+    if _is_gated(name, gated_mlp):
+        gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
+        return torch.cat([torch.cat(gates, 0), torch.cat(ups, 0)], 0)
+    return torch.cat(shards, dim=dim)
+
+
+def layer_index(name: str) -> Optional[int]:
+    m = _LAYER.match(name)
+    return int(m.group("idx")) if m else None
+
+
+def rename_layer(name: str, new_idx: int) -> str:
+    m = _LAYER.match(name)
+    return f"{m.group('pre')}{new_idx}{m.group('post')}"
+
+
+def stage_state_dict(full: dict, tp_rank: int, tp_size: int, layer_offset: int, num_layers: int,
+                     pre_process: bool, post_process: bool, gated_mlp: bool = True,
+                     first_stage_only: Iterable[str] = ("embedding.",),
+                     last_stage_only: Iterable[str] = ("output_layer.", "decoder.final_layernorm.")
+                     ) -> dict:
+    """The state dict of one (TP rank, pipeline stage) model chunk from a full state dict.
+
+    ``layer_offset``/``num_layers``: the global layers this stage holds. Keys of parts that live
+    only on the first stage (embeddings, encoders) or the last (final norm, output layer) are kept
+    or dropped by ``pre_process``/``post_process``.
+    """
+    first_stage_only, last_stage_only = tuple(first_stage_only), tuple(last_stage_only)
+    out = {}
+    for name, t in full.items():
+        idx = layer_index(name)
+        if idx is not None and name.startswith("decoder."):
+            if not layer_offset <= idx < layer_offset + num_layers:
+                continue
+            name = rename_layer(name, idx - layer_offset)
+        elif name.startswith(first_stage_only) and not pre_process:
+            continue
+        elif name.startswith(last_stage_only) and not post_process:
+            continue
+        out[name] = shard_tensor(name, t, tp_rank, tp_size, gated_mlp)
+    return out

@@ -1,0 +1,58 @@
+"""Launch multi-process (gloo) test workers and collect their results.
+
+Process start-up dominates multi-process tests on 2 cores, so each worker script runs many
+checks in one launch and rank 0 writes a JSON of results that the pytest test asserts on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(script: str, world_size: int, args: list[str] = (), timeout: int = 600,
+                env_extra: dict | None = None) -> dict:
+    """Run ``tests/workers/<script>`` on ``world_size`` ranks; return rank 0's JSON result."""
+    port = free_port()
+    out = Path(tempfile.mkdtemp(prefix="omni_workers_")) / "result.json"
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size),
+                   LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+        env.pop("SLURM_PROCID", None)
+        env.update(env_extra or {})
+        log = open(out.parent / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "workers" / script), str(out), *args],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log))
+    failed = []
+    for rank, (p, log) in enumerate(procs):
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q, _ in procs:
+                q.kill()
+            rc = "timeout"
+        log.close()
+        if rc != 0:
+            failed.append((rank, rc))
+    if failed:
+        logs = "\n".join(
+            f"--- rank {r} (rc={rc}) ---\n" + (out.parent / f"rank{r}.log").read_text()[-6000:]
+            for r, rc in failed)
+        raise AssertionError(f"workers failed: {failed}\n{logs}")
+    return json.loads(out.read_text())
