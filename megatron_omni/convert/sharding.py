@@ -7,8 +7,12 @@ The rules follow megatron-core's tensor-parallel layers:
   key head, then its value head), so a contiguous split hands each rank whole KV groups;
 * gated MLPs store ``linear_fc1`` as ``[gate; up]`` on every rank, so gate and up are split
   separately and re-concatenated per rank;
-* row-parallel weights (``linear_proj``, ``linear_fc2``) are split along dim 1;
+* row-parallel weights (``linear_proj``, ``linear_fc2``) are split along dim 1; their biases are
+  replicated (``RowParallelLinear`` adds the full bias after the all-reduce);
 * norms and anything else are replicated.
+
+``gated_mlp`` may be a bool or a predicate on the parameter name, for state dicts that mix gated
+(Llama) and plain (ViT, merger) MLPs.
 
 Pipeline stages hold a contiguous range of global layers; their local names count from 0.
 """
@@ -16,7 +20,7 @@ Pipeline stages hold a contiguous range of global layers; their local names coun
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
@@ -37,7 +41,9 @@ def partition_dim(name: str) -> Optional[int]:
     return None
 
 
-def _is_gated(name: str, gated: bool) -> bool:
+def _is_gated(name: str, gated: Union[bool, Callable[[str], bool]]) -> bool:
+    if callable(gated):
+        return bool(gated(name)) and name.endswith(GATED_SUFFIXES)
     return gated and name.endswith(GATED_SUFFIXES)
 
 
@@ -81,19 +87,20 @@ def rename_layer(name: str, new_idx: int) -> str:
 def stage_state_dict(full: dict, tp_rank: int, tp_size: int, layer_offset: int, num_layers: int,
                      pre_process: bool, post_process: bool, gated_mlp: bool = True,
                      first_stage_only: Iterable[str] = ("embedding.",),
-                     last_stage_only: Iterable[str] = ("output_layer.", "decoder.final_layernorm.")
-                     ) -> dict:
+                     last_stage_only: Iterable[str] = ("output_layer.", "decoder.final_layernorm."),
+                     layer_prefix: str = "decoder.") -> dict:
     """The state dict of one (TP rank, pipeline stage) model chunk from a full state dict.
 
     ``layer_offset``/``num_layers``: the global layers this stage holds. Keys of parts that live
     only on the first stage (embeddings, encoders) or the last (final norm, output layer) are kept
-    or dropped by ``pre_process``/``post_process``.
+    or dropped by ``pre_process``/``post_process``. Only layers under ``layer_prefix`` (the LLM
+    decoder) are split over pipeline stages; encoder layers stay whole on the first stage.
     """
     first_stage_only, last_stage_only = tuple(first_stage_only), tuple(last_stage_only)
     out = {}
     for name, t in full.items():
         idx = layer_index(name)
-        if idx is not None and name.startswith("decoder."):
+        if idx is not None and name.startswith(layer_prefix):
             if not layer_offset <= idx < layer_offset + num_layers:
                 continue
             name = rename_layer(name, idx - layer_offset)
