@@ -103,7 +103,8 @@ class OmniLLM(GPTModel):
 
     def __init__(self, config: TransformerConfig, llm: LLMConfig, vocab_size: int,
                  transformer_impl: str = "local", pre_process: bool = True,
-                 post_process: bool = True, vp_stage: Optional[int] = None):
+                 post_process: bool = True, vp_stage: Optional[int] = None,
+                 scatter_embedding_sequence_parallel: bool = True):
         super().__init__(
             config=config,
             transformer_layer_spec=llm_block_spec(config, transformer_impl, vp_stage),
@@ -116,6 +117,9 @@ class OmniLLM(GPTModel):
             position_embedding_type="mrope",
             rotary_base=llm.rotary_base,
             vp_stage=vp_stage,
+            # The omni model splices media features into the embeddings first and scatters the
+            # sequence itself, so it builds the LLM with this False.
+            scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
         )
         self.transformer_impl = transformer_impl
         if llm.rope_scaling:
@@ -159,7 +163,8 @@ class OmniLLM(GPTModel):
 
 def build_llm(cfg: OmniConfig, pre_process: Optional[bool] = None,
               post_process: Optional[bool] = None, vp_stage: Optional[int] = None,
-              config: Optional[TransformerConfig] = None) -> OmniLLM:
+              config: Optional[TransformerConfig] = None,
+              scatter_embedding_sequence_parallel: bool = True) -> OmniLLM:
     """Build the LLM chunk of this pipeline rank (after ``parallel.runtime.initialize``)."""
     from megatron.core import parallel_state as ps
 
@@ -172,7 +177,8 @@ def build_llm(cfg: OmniConfig, pre_process: Optional[bool] = None,
     vocab = padded_vocab_size(cfg.model.llm.vocab_size, cfg.model.llm.make_vocab_size_divisible_by,
                               cfg.parallel.tensor_model_parallel_size)
     return OmniLLM(config, cfg.model.llm, vocab, transformer_impl=impl, pre_process=pre_process,
-                   post_process=post_process, vp_stage=vp_stage)
+                   post_process=post_process, vp_stage=vp_stage,
+                   scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel)
 
 
 def build_llm_chunks(cfg: OmniConfig) -> list[OmniLLM]:
