@@ -1,0 +1,1054 @@
+"""Memory and throughput planner: will a layout fit, and how fast will it run?
+
+Given a model config and a parallel layout, :func:`plan` estimates per-GPU memory for every
+pipeline stage and a step time; :func:`suggest` searches layouts. ``tools/plan.py`` is the CLI.
+
+Memory per GPU (bytes; t = TP, p = PP, v = VPP, d = DP, c = CP)
+-------------------------------------------------------------
+
+* **Weights**: the stage's parameters / t for tensor-parallel matmuls (LLM layers, embedding,
+  LM head, the ViT and its merger), whole for replicated ones (norms, projectors, SAN-M),
+  at 2 bytes (bf16/fp8 runs) or 4 (fp32; SAN-M is always fp32).
+* **Gradients**: megatron-core DDP keeps a persistent main-grad buffer: 4 bytes per trained
+  parameter with ``training.grad_reduce_in_fp32`` (the default), else 2. CPU/fp32: 4 (``.grad``,
+  kept allocated between steps like the DDP buffer).
+* **Optimizer states**: fp32 master copy (4 bytes, only when the weights are 16-bit) + Adam
+  moments (8 bytes) per trained parameter, divided by ``d*c`` with the distributed optimizer.
+* **FP8 weight cache**: with FP8 GEMMs Transformer Engine caches, for the whole step, the FP8
+  copy of every LLM-layer weight and its transpose (Hopper GEMMs need both layouts):
+  :data:`FP8_WEIGHT_CACHE_BYTES` per LLM-layer matmul parameter.
+* **Activations**: what autograd keeps per micro-batch (Korthikanti et al. 2022, "Reducing
+  Activation Recomputation in Large Transformer Models", adapted term by term to our layers, see
+  :func:`llm_layer_activation_bytes`), times the micro-batches the pipeline schedule holds at its
+  peak (simulated, :func:`inflight_counts`: ``min(m, p - rank)`` for 1F1B, i.e. p on the first
+  stage; interleaved: ``(v-1)*p + 2*(p-1-rank) + 1`` model chunks, Korthikanti's
+  ``L * (1 + (p-1)/(p*v))`` layers on the first stage). The first stage (first model chunk)
+  also holds the ViT, merger, SAN-M and projector activations of each in-flight micro-batch;
+  the last holds the final norm and the logits (fp32 softmax kept by the vocab-parallel cross
+  entropy, + the 16-bit logits while it runs).
+* **Transients**: a full-recompute layer rebuilt during backward (one layer, one micro-batch),
+  and a weight gradient that autograd materialises before adding it to the buffer (the largest
+  one: local layers always; with Transformer Engine only the embedding, TE and megatron fuse
+  the wgrad accumulation elsewhere).
+* **Overhead** (GPUs only): :data:`FIXED_OVERHEAD_GIB` for the CUDA context, cuBLAS/TE workspaces
+  and NCCL buffers, + :data:`FRAGMENTATION` x (activations + transients) for the caching
+  allocator (with ``expandable_segments``; parameters, grads and optimizer states live in
+  contiguous DDP/optimizer buffers and do not fragment).
+
+Two activation profiles: ``te`` (GPU, Transformer Engine layers: fused norm+linear, flash
+attention, fused SwiGLU; FP8 saves linear inputs in 1 byte) and ``local`` (megatron-core local
+layers + our varlen SDPA, what the CPU runs; derived by enumerating the tensors autograd saves,
+and checked against a real CPU training step in ``tests/tools/test_plan.py``).
+
+Step time
+---------
+Per micro-batch, each stage's hardware FLOPs (recomputation included, :mod:`training.flops`) on
+one GPU (LLM / (t*c), ViT / t, SAN-M and projectors replicated) run at ``peak * assumed MFU``
+(:data:`ACHIEVABLE_MFU`: the steady-state utilisation large Megatron-Core runs reach on H100,
+communication overlap included). The slowest stage sets the pace and the pipeline adds the
+bubble: ``step = (m + (p-1)/v) * t_slowest``, i.e. ``m * t_slowest * (1 + (p-1)/(v*m))``.
+Tokens/s, model TFLOP/s and MFU then use the *model* FLOPs (no recomputation).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from .config.loader import load_config
+from .config.schema import ConfigError, OmniConfig
+from .config.validate import llm_layers_per_stage, padded_vocab_size, validate
+from .training.flops import (PEAK_FLOPS, ForwardFlops, audio_llm_tokens,
+                             llm_forward_flops, omni_row_flops, projector_forward_flops,
+                             sanm_forward_flops, training_passes, vision_llm_tokens,
+                             vit_forward_flops)
+
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+
+# ------------------------------------------------------------------------------------------------
+# Documented constants
+# ------------------------------------------------------------------------------------------------
+
+FIXED_OVERHEAD_GIB = 2.5
+"""Per-GPU memory outside PyTorch tensors: CUDA context (~0.5 GiB with lazy module loading),
+cuBLAS and Transformer Engine workspaces, NCCL communicator buffers for the TP/PP/DP/CP groups."""
+
+FRAGMENTATION = 0.03
+"""Caching-allocator overhead on the dynamic part (activations and transients), with
+``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` as Megatron-Core's performance recipes use."""
+
+FP8_WEIGHT_CACHE_BYTES = 2
+"""Bytes per LLM-layer matmul parameter for TE's cached FP8 weight + its FP8 transpose."""
+
+ACHIEVABLE_MFU = {"bf16": 0.40, "fp8": 0.37}
+"""Assumed steady-state model-FLOPs utilisation (of the dense peak in that precision), bubble
+excluded. 0.40 bf16 (~396 TFLOP/s on H100) is what large Megatron-Core dense runs reach;
+0.37 fp8 (~732 TFLOP/s) is the published Llama-3-70B FP8 figure (~730 TFLOP/s/GPU on 64 H100).
+FP8 MFU is lower because attention, norms and the LM head stay in bf16."""
+
+DEFAULT_GLOBAL_BATCH = 128
+"""Packed rows per optimizer step when none is given (Megatron-Core's Llama-3-70B recipe)."""
+
+ADAM_STATE_BYTES = 8
+"""Adam first and second moments, fp32."""
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """A device the planner knows: memory and dense peak FLOP/s per precision."""
+
+    key: str
+    name: str
+    memory_bytes: Optional[int]
+    peak: dict = field(default_factory=dict)
+
+
+GPUS: dict[str, GPUSpec] = {
+    # Memory as the driver reports it (nvidia-smi "MiB" total).
+    "h100": GPUSpec("h100", "H100 SXM 80GB", 81559 * MiB, PEAK_FLOPS["h100"]),
+    "h200": GPUSpec("h200", "H200 SXM 141GB", 143771 * MiB, PEAK_FLOPS["h200"]),
+    "a100": GPUSpec("a100", "A100 SXM 80GB", 81920 * MiB, PEAK_FLOPS["a100"]),
+    # fp32 training on the host: memory only (no fit check, no step time).
+    "cpu": GPUSpec("cpu", "CPU (host memory)", None, {}),
+}
+
+# ------------------------------------------------------------------------------------------------
+# Model presets
+# ------------------------------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_VIT = ["model.vision.enabled=true", "model.vision.depth=32", "model.vision.hidden_size=1280",
+        "model.vision.num_heads=16", "model.vision.mlp_ratio=4.0"]
+_SANM = ["model.audio.enabled=true", "model.audio.input_size=560", "model.audio.hidden_size=512",
+         "model.audio.num_heads=4", "model.audio.ffn_hidden_size=2048",
+         "model.audio.num_blocks=50"]
+_NO_ENCODERS = ["model.vision.enabled=false", "model.audio.enabled=false"]
+_LONG = ["data.seq_length=8192"]
+
+PRESETS: dict[str, tuple[str, list[str], str]] = {
+    "tiny": ("examples/tiny_llm.yaml", [], "tiny CPU demo LLM"),
+    "9b": ("examples/model/llama3_8b.yaml",
+           _VIT + ["model.vision.merger_hidden_size=3584"] + _SANM + _LONG,
+           "M2-omni 9B: Llama-3.1-8B + Qwen2-VL ViT + SAN-M"),
+    "72b": ("examples/model/llama3_70b.yaml",
+            _VIT + ["model.vision.merger_hidden_size=8192"] + _SANM + _LONG,
+            "M2-omni 72B: Llama-3.3-70B + Qwen2-VL ViT + SAN-M"),
+    "llama3-8b": ("examples/model/llama3_8b.yaml",
+                  _NO_ENCODERS + ["model.llm.vocab_size=128256"] + _LONG, "Llama-3 8B LLM only"),
+    "llama3-70b": ("examples/model/llama3_70b.yaml",
+                   _NO_ENCODERS + ["model.llm.vocab_size=128256"] + _LONG,
+                   "Llama-3 70B LLM only (the published Megatron-Core anchor)"),
+}
+"""``--model`` names: (YAML under the repo, overrides, description). The 9b/72b presets add the
+full Qwen2-VL ViT (32 x 1280) and SAN-M (50 x 512) to the LLM YAMLs, which only set the LLM."""
+
+
+def load_model_config(model: Optional[str] = None, config: Optional[str] = None,
+                      overrides: Sequence[str] = ()) -> OmniConfig:
+    """A preset (``model``) or a YAML file (``config``), then ``key=value`` overrides."""
+    if (model is None) == (config is None):
+        raise ConfigError("give exactly one of a model preset or a config file")
+    if model is not None:
+        if model not in PRESETS:
+            raise ConfigError(f"unknown model preset {model!r}; known: {sorted(PRESETS)}")
+        path, preset_overrides, _ = PRESETS[model]
+        return load_config(REPO_ROOT / path, [*preset_overrides, *overrides])
+    return load_config(config, list(overrides))
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Layout:
+    """A parallel layout and batch shape."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None
+    cp: int = 1
+    dp: int = 1
+    micro_batch_size: int = 1
+    global_batch: Optional[int] = None
+    """Packed rows per optimizer step (all DP ranks); None = about DEFAULT_GLOBAL_BATCH."""
+    sequence_parallel: Optional[bool] = None
+    """None = on whenever TP > 1."""
+    first_stage_num_layers: Optional[int] = None
+    recompute: Optional[str] = None
+    distributed_optimizer: bool = True
+
+    def __post_init__(self):
+        if self.recompute == "none":
+            self.recompute = None
+        if self.recompute not in (None, "selective", "full"):
+            raise ConfigError(f"recompute must be none|selective|full, got {self.recompute!r}")
+        for name in ("tp", "pp", "cp", "dp", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if self.vpp == 1:
+            self.vpp = None
+        if self.vpp is not None and self.vpp < 2:
+            raise ConfigError("vpp must be >= 2 (or unset)")
+        if self.sequence_parallel is None:
+            self.sequence_parallel = self.tp > 1
+        rows = self.micro_batch_size * self.dp
+        if self.global_batch is None:
+            self.global_batch = max(1, round(DEFAULT_GLOBAL_BATCH / rows)) * rows
+        if self.global_batch % rows:
+            raise ConfigError(f"global batch {self.global_batch} is not a multiple of micro batch "
+                              f"size x DP = {self.micro_batch_size} x {self.dp}")
+
+    @property
+    def num_gpus(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def num_micro_batches(self) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank."""
+        return self.global_batch // (self.micro_batch_size * self.dp)
+
+    def describe(self) -> str:
+        parts = [f"TP{self.tp}", f"PP{self.pp}"]
+        if self.vpp:
+            parts.append(f"VPP{self.vpp}")
+        parts += [f"CP{self.cp}", f"DP{self.dp}"]
+        n = self.num_gpus
+        return " ".join(parts) + f" = {n} device{'s' if n != 1 else ''}"
+
+
+@dataclass
+class Workload:
+    """What one packed row holds."""
+
+    seq_length: int
+    samples_per_row: int = 1
+    """Packed samples per row (attention is per sample: sum of s_i^2)."""
+    vision_grids: tuple = ()
+    """(t, h, w) patch grid of every image/video in a row."""
+    audio_frames: tuple = ()
+    """Encoder (LFR) frames of every audio clip in a row."""
+
+    def __post_init__(self):
+        self.vision_grids = tuple(tuple(int(x) for x in g) for g in self.vision_grids)
+        self.audio_frames = tuple(int(t) for t in self.audio_frames)
+        if self.seq_length < 1 or not 1 <= self.samples_per_row <= self.seq_length:
+            raise ConfigError("need seq_length >= 1 and 1 <= samples_per_row <= seq_length")
+
+    def seqlens(self) -> list[int]:
+        n, s = self.samples_per_row, self.seq_length
+        return [s // n + (1 if i < s % n else 0) for i in range(n)]
+
+    def describe(self) -> str:
+        out = f"{self.samples_per_row} sample(s) in {self.seq_length} tokens"
+        if self.vision_grids:
+            out += f", {len(self.vision_grids)} image/video item(s) " \
+                   f"({sum(t * h * w for t, h, w in self.vision_grids)} patches)"
+        if self.audio_frames:
+            out += f", {len(self.audio_frames)} audio clip(s) ({sum(self.audio_frames)} frames)"
+        return out
+
+
+def image_grid(height: int, width: int, frames: int = 1, patch_size: int = 14,
+               merge: int = 2, temporal_patch_size: int = 2) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of an image (frames=1) or a video after rounding each side to the
+    nearest multiple of ``patch_size * merge`` (smart_resize without its pixel budget clamps)."""
+    factor = patch_size * merge
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    t = max(1, -(-frames // temporal_patch_size))
+    return (t, h // patch_size, w // patch_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameter counts
+# ------------------------------------------------------------------------------------------------
+
+def llm_layer_params(cfg: OmniConfig) -> tuple[int, int]:
+    """(matmul params, norm params) of one LLM layer."""
+    llm = cfg.model.llm
+    h, f, d = llm.hidden_size, llm.ffn_hidden_size, llm.head_dim
+    q_w, kv_w = llm.num_attention_heads * d, llm.num_query_groups * d
+    return h * (q_w + 2 * kv_w) + q_w * h + 3 * h * f, 2 * h
+
+
+def llm_num_params(cfg: OmniConfig, tp: int = 1) -> int:
+    """All LLM parameters (embedding padded for ``tp``; output layer unless tied)."""
+    llm = cfg.model.llm
+    vp = padded_vocab_size(llm.vocab_size, llm.make_vocab_size_divisible_by, tp)
+    lin, norms = llm_layer_params(cfg)
+    head = vp * llm.hidden_size if llm.untie_embeddings_and_output_weights else 0
+    return llm.num_layers * (lin + norms) + vp * llm.hidden_size + head + llm.hidden_size
+
+
+def vit_params(cfg: OmniConfig) -> tuple[int, int]:
+    """(tensor-parallel params, replicated params) of the ViT + merger."""
+    v = cfg.model.vision
+    if not v.enabled:
+        return 0, 0
+    w, f = v.hidden_size, int(v.hidden_size * v.mlp_ratio)
+    out = v.merger_hidden_size or cfg.model.llm.hidden_size
+    g = v.spatial_merge_size ** 2
+    patch = v.in_channels * v.temporal_patch_size * v.patch_size ** 2 * w
+    block_tp = 3 * w * w + 3 * w + w * w + w * f + f + f * w  # column biases shard with weights
+    block_rep = 4 * w + w + w  # two LayerNorms, row-parallel biases (proj, fc2)
+    merger_tp = (g * w) * (g * w) + g * w + (g * w) * out
+    merger_rep = 2 * w + out
+    return v.depth * block_tp + merger_tp, patch + v.depth * block_rep + merger_rep
+
+
+def sanm_params(cfg: OmniConfig) -> int:
+    """SAN-M encoder parameters (FunASR layout; ``encoders0`` takes the 560-dim input)."""
+    a = cfg.model.audio
+    if not a.enabled:
+        return 0
+    d, f, k = a.hidden_size, a.ffn_hidden_size, a.kernel_size
+
+    def block(n_in: int) -> int:
+        return (2 * n_in + n_in * 3 * d + 3 * d + d * k + d * d + d + 2 * d
+                + d * f + f + f * d + d)
+
+    return block(a.input_size) + (a.num_blocks - 1) * block(d) + 2 * d
+
+
+def projector_params(in_features: int, hidden: int, depth: int) -> int:
+    return in_features * hidden + hidden + (depth - 1) * (hidden * hidden + hidden)
+
+
+def model_params(cfg: OmniConfig) -> dict[str, int]:
+    """Parameters per part (TP=1)."""
+    m = cfg.model
+    h = m.llm.hidden_size
+    vit_tp, vit_rep = vit_params(cfg)
+    proj = 0
+    if m.vision.enabled:
+        proj += projector_params(m.vision.merger_hidden_size or h, h, m.projector.vision_depth)
+    if m.audio.enabled:
+        proj += projector_params(m.audio.frames_per_token * m.audio.hidden_size, h,
+                                 m.projector.audio_depth)
+    out = {"llm": llm_num_params(cfg), "vision": vit_tp + vit_rep, "audio": sanm_params(cfg),
+           "projectors": proj}
+    out["total"] = sum(out.values())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Activations per token (bytes)
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Numerics:
+    """Bytes per element of each kind of state, from the precision."""
+
+    precision: str
+    param: int
+    act: int
+    grad: int
+    master: int
+
+    @classmethod
+    def of(cls, precision: str, grad_fp32: bool = True) -> "Numerics":
+        if precision == "fp32":
+            return cls("fp32", 4, 4, 4, 0)
+        if precision in ("bf16", "fp8"):
+            return cls(precision, 2, 2, 4 if grad_fp32 else 2, 4)
+        raise ConfigError(f"precision must be bf16|fp8|fp32, got {precision!r}")
+
+
+def llm_layer_activation_bytes(cfg: OmniConfig, num: Numerics, impl: str, tp: int, sp: bool,
+                               recompute: Optional[str], seqlens: Sequence[int],
+                               flash_attention: bool = True) -> tuple[float, float]:
+    """(kept bytes per token, bytes per token of one whole layer) for one LLM layer on one GPU.
+
+    Korthikanti et al.'s per-layer count (``34 s b h`` bytes for GPT-3: 11 attention + 19 MLP +
+    4 norms, ``+5 a s^2 b`` for unfused attention), redone for a Llama layer with flash attention,
+    no dropout, GQA (``q_w = a*d``, ``kv_w = g*d``) and SwiGLU (F):
+
+    * ``te`` bf16: norm inputs and outputs ``4h`` (replicated across TP unless sequence
+      parallel) + q, k, v and the attention output ``2 q_w + 2 kv_w`` + SwiGLU input ``2F`` + down
+      projection input ``F`` (all / t), times 2 bytes;
+    * ``te`` fp8: the same, but the inputs saved by TE's FP8 linears (the two norm outputs, the
+      attention output for the out-projection, the down-projection input) take 1 byte:
+      ``6h`` replicated + ``5 q_w + 4 kv_w + 5F`` bytes;
+    * ``local``: enumerated from autograd's saved tensors: each RMSNorm keeps input, inverse RMS
+      and normalised input, each linear its input (``6h + 2``); RoPE ``4d`` (cos/sin of q and k);
+      SDPA keeps q and GQA-expanded k, v (``3 q_w``), its output and the reshaped copy
+      (``2 q_w``) and the log-sum-exp (a); unfused SwiGLU keeps ``5F``.
+    * Unfused attention (``flash_attention=False``) adds the scores and softmax output,
+      ``2 a sum(s_i^2) / s`` per token; selective recomputation drops them (with flash attention
+      it has nothing to drop: memory unchanged, extra FLOPs).
+    * Full recomputation keeps only the layer input (``h``, / t with SP); the whole layer is
+      rebuilt, one at a time, during backward (reported as a transient).
+    """
+    llm = cfg.model.llm
+    h, f, d, a = llm.hidden_size, llm.ffn_hidden_size, llm.head_dim, llm.num_attention_heads
+    q_w, kv_w = a * d, llm.num_query_groups * d
+    ab = num.act
+    if impl == "te" and num.precision == "fp8":
+        rep, tpart = 6.0 * h, 5.0 * q_w + 4.0 * kv_w + 5.0 * f
+    elif impl == "te":
+        rep, tpart = 4.0 * h * ab, (2.0 * q_w + 2.0 * kv_w + 3.0 * f) * ab
+    elif impl == "local":
+        rep, tpart = (6.0 * h + 2 + 4 * d) * ab, (5.0 * q_w + a + 5.0 * f) * ab
+    else:
+        raise ConfigError(f"impl must be te|local, got {impl!r}")
+    scores = 0.0
+    if not flash_attention:
+        tokens = sum(seqlens)
+        scores = 2.0 * a * sum(s * s for s in seqlens) / tokens * ab / tp
+    whole = rep / (tp if sp else 1) + tpart / tp + scores
+    if recompute == "full":
+        return h * ab / (tp if sp else 1), whole
+    if recompute == "selective":
+        return whole - scores, whole - scores
+    return whole, whole
+
+
+def _vit_patch_bytes(cfg: OmniConfig, num: Numerics, impl: str, tp: int,
+                     recompute: Optional[str], flash_attention: bool, grids) -> tuple[float, float]:
+    """(kept bytes per patch, one block's bytes per patch) for the whole ViT + merger.
+
+    Per block and patch (enumerated on ``models/vision.py``'s local layers): norm inputs/outputs
+    and the residual ``5W`` + rotary ``4d`` + 4 stats replicated; q, k, the fused qkv output and
+    the attention output ``6W``, quick_gelu's input, sigmoid and product ``3F``, the lse (heads)
+    sharded by TP. TE saves one W less (no reshaped attention-output copy). The merger keeps
+    ``2W`` replicated + ``2W`` sharded per patch, the patch embedding its pixel input. The ViT is
+    never sequence-parallel and has no FP8.
+    """
+    v = cfg.model.vision
+    w, f, heads = v.hidden_size, int(v.hidden_size * v.mlp_ratio), v.num_heads
+    d = w // heads
+    ab = num.act
+    rep = (5.0 * w + 4 * d + 4) if impl == "local" else (4.0 * w + 4 * d)
+    tpart = 6.0 * w + 3.0 * f + heads
+    patches = sum(t * hh * ww for t, hh, ww in grids)
+    scores = 0.0
+    if not flash_attention and recompute not in ("selective", "full"):
+        scores = 2.0 * heads * sum(t * (hh * ww) ** 2 for t, hh, ww in grids) / patches / tp
+    block = (rep + tpart / tp) * ab + scores * ab
+    kept_block = w * ab if recompute == "full" else block
+    patch_in = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    merger = (2.0 * w + 2 + 2.0 * w / tp) * ab
+    return v.depth * kept_block + merger + patch_in * ab, block
+
+
+def _sanm_frame_bytes(cfg: OmniConfig) -> float:
+    """SAN-M keeps, per frame (fp32, enumerated on ``models/audio.py``): first block
+    ``2*560 + 7d + F + 8``, every other block ``9d + F + 8``, the final norm ``d + 3``."""
+    a = cfg.model.audio
+    d, f = a.hidden_size, a.ffn_hidden_size
+    elems = (2 * a.input_size + 7 * d + f + 8) + (a.num_blocks - 1) * (9 * d + f + 8) + d + 3
+    return 4.0 * elems
+
+
+# ------------------------------------------------------------------------------------------------
+# Pipeline schedule
+# ------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4096)
+def inflight_counts(pp: int, vpp: Optional[int], m: int, rank: int) -> tuple[tuple[int, ...], ...]:
+    """Per model chunk, how many micro-batches' activations pipeline ``rank`` holds right after
+    each forward of Megatron-Core's schedule (the candidates for the memory peak; dominated
+    candidates dropped).
+
+    1F1B: ``min(m, p - rank - 1)`` warm-up forwards, then one forward + one backward each.
+    Interleaved (v chunks): ``(p - rank - 1) * 2 + (v - 1) * p`` warm-up forwards; virtual
+    micro-batch k runs chunk ``(k // p) % v`` forward and ``v - 1 - (k // p) % v`` backward
+    (megatron.core.pipeline_parallel.schedules, micro-batch groups of size p).
+    """
+    v = vpp or 1
+    total = m * v
+    if v == 1:
+        warmup = min(m, pp - rank - 1)
+    else:
+        warmup = min(total, (pp - rank - 1) * 2 + (v - 1) * pp)
+    held = [0] * v
+    cands: list[tuple[int, ...]] = []
+    f = b = 0
+    while f < total:
+        held[(f // pp) % v] += 1
+        f += 1
+        cands.append(tuple(held))
+        if f > warmup:
+            held[v - 1 - (b // pp) % v] -= 1
+            b += 1
+    keep = []
+    for c in sorted(set(cands), key=sum, reverse=True):
+        if not any(all(x <= y for x, y in zip(c, k)) for k in keep):
+            keep.append(c)
+    return tuple(keep)
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class StagePlan:
+    """One pipeline rank's per-GPU memory (bytes) and work per micro-batch."""
+
+    rank: int
+    llm_layers: int
+    has_encoders: bool
+    has_embedding: bool
+    has_lm_head: bool
+    params: int
+    weights: float
+    gradients: float
+    optimizer: float
+    fp8_weight_cache: float
+    activations: float
+    inflight: list
+    transient: float
+    overhead: float
+    flops_per_micro_batch: float
+    """Hardware FLOPs one GPU of this stage runs per micro-batch (recomputation included)."""
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.gradients + self.optimizer + self.fp8_weight_cache
+                + self.activations + self.transient + self.overhead)
+
+    def as_dict(self) -> dict:
+        g = lambda x: round(x / GiB, 3)  # noqa: E731
+        return {"rank": self.rank, "llm_layers": self.llm_layers,
+                "encoders": self.has_encoders, "embedding": self.has_embedding,
+                "lm_head": self.has_lm_head, "params_per_gpu": self.params,
+                "weights_gib": g(self.weights), "gradients_gib": g(self.gradients),
+                "optimizer_gib": g(self.optimizer),
+                "fp8_weight_cache_gib": g(self.fp8_weight_cache),
+                "activations_gib": g(self.activations), "inflight_per_chunk": list(self.inflight),
+                "transient_gib": g(self.transient), "overhead_gib": g(self.overhead),
+                "total_gib": g(self.total),
+                "tflops_per_micro_batch": round(self.flops_per_micro_batch / 1e12, 4)}
+
+
+@dataclass
+class Plan:
+    """Result of :func:`plan`."""
+
+    model: str
+    gpu: GPUSpec
+    precision: str
+    impl: str
+    layout: Layout
+    workload: Workload
+    params: dict
+    stages: list
+    row_flops: dict
+    model_flops_per_step: float
+    assumed_mfu: Optional[float]
+    step_time: Optional[float]
+    bubble_fraction: float
+    warnings: list
+
+    @property
+    def peak_stage(self) -> StagePlan:
+        return max(self.stages, key=lambda s: s.total)
+
+    @property
+    def peak_bytes(self) -> float:
+        return self.peak_stage.total
+
+    @property
+    def fits(self) -> Optional[bool]:
+        if self.gpu.memory_bytes is None:
+            return None
+        return self.peak_bytes <= self.gpu.memory_bytes
+
+    @property
+    def stage_imbalance(self) -> float:
+        """Slowest stage's work over the mean stage's (1.0 = balanced pipeline)."""
+        work = [s.flops_per_micro_batch for s in self.stages]
+        mean = sum(work) / len(work)
+        return max(work) / mean if mean else 1.0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.layout.global_batch * self.workload.seq_length
+
+    @property
+    def tokens_per_s_per_gpu(self) -> Optional[float]:
+        if not self.step_time:
+            return None
+        return self.tokens_per_step / self.step_time / self.layout.num_gpus
+
+    @property
+    def tflops_per_gpu(self) -> Optional[float]:
+        if not self.step_time:
+            return None
+        return self.model_flops_per_step / self.step_time / self.layout.num_gpus / 1e12
+
+    @property
+    def mfu(self) -> Optional[float]:
+        if not self.step_time or self.precision not in self.gpu.peak:
+            return None
+        return self.tflops_per_gpu * 1e12 / self.gpu.peak[self.precision]
+
+    def as_dict(self) -> dict:
+        lay = asdict(self.layout)
+        lay.update(num_gpus=self.layout.num_gpus, num_micro_batches=self.layout.num_micro_batches)
+        peak = self.peak_stage
+        opt = lambda x, n=3: None if x is None else round(x, n)  # noqa: E731
+        return {
+            "model": self.model,
+            "params": self.params,
+            "gpu": {"key": self.gpu.key, "name": self.gpu.name,
+                    "memory_gib": opt(self.gpu.memory_bytes and self.gpu.memory_bytes / GiB),
+                    "peak_tflops": opt(self.gpu.peak.get(self.precision, 0) / 1e12 or None)},
+            "precision": self.precision,
+            "impl": self.impl,
+            "layout": lay,
+            "workload": {**asdict(self.workload), "seqlens": self.workload.seqlens()},
+            "memory": {"stages": [s.as_dict() for s in self.stages],
+                       "peak_stage": peak.rank, "peak_gib": round(peak.total / GiB, 3),
+                       "fits": self.fits},
+            "throughput": {
+                "row_flops": self.row_flops,
+                "model_flops_per_step": self.model_flops_per_step,
+                "assumed_mfu": self.assumed_mfu,
+                "bubble_fraction": round(self.bubble_fraction, 5),
+                "stage_imbalance": round(self.stage_imbalance, 4),
+                "step_time_s": opt(self.step_time, 4),
+                "tokens_per_s_per_gpu": opt(self.tokens_per_s_per_gpu, 1),
+                "model_tflops_per_gpu": opt(self.tflops_per_gpu, 1),
+                "mfu": opt(self.mfu, 4)},
+            "assumptions": {"fixed_overhead_gib": FIXED_OVERHEAD_GIB,
+                            "fragmentation": FRAGMENTATION,
+                            "fp8_weight_cache_bytes": FP8_WEIGHT_CACHE_BYTES,
+                            "achievable_mfu": ACHIEVABLE_MFU},
+            "warnings": list(self.warnings),
+        }
+
+
+def _resolved_cfg(cfg: OmniConfig, layout: Layout, workload: Workload, precision: str,
+                  impl: str) -> OmniConfig:
+    """A copy of ``cfg`` that says what the layout says, for :func:`validate`."""
+    c = copy.deepcopy(cfg)
+    p, t, d = c.parallel, c.training, c.data
+    p.tensor_model_parallel_size, p.pipeline_model_parallel_size = layout.tp, layout.pp
+    p.virtual_pipeline_model_parallel_size, p.context_parallel_size = layout.vpp, layout.cp
+    p.sequence_parallel = bool(layout.sequence_parallel)
+    p.first_stage_num_layers = layout.first_stage_num_layers
+    t.fp8 = "hybrid" if precision == "fp8" else None
+    t.bf16 = precision != "fp32"
+    t.use_distributed_optimizer = layout.distributed_optimizer
+    t.recompute_granularity = layout.recompute
+    t.num_micro_batches = layout.num_micro_batches
+    d.modalities = ["text"]
+    d.seq_length, d.micro_batch_size = workload.seq_length, layout.micro_batch_size
+    c.model.transformer_impl = "transformer_engine" if impl == "te" else "local"
+    return c
+
+
+def _stage_layers(cfg: OmniConfig, layout: Layout) -> list[list[int]]:
+    """LLM layers per (rank, chunk)."""
+    per_rank = llm_layers_per_stage(cfg.model.llm.num_layers, layout.pp,
+                                    layout.first_stage_num_layers, layout.vpp)
+    v = layout.vpp or 1
+    return [[n // v] * v for n in per_rank]
+
+
+def plan(cfg: OmniConfig, layout: Layout, workload: Optional[Workload] = None, gpu: str = "h100",
+         precision: str = "bf16", impl: Optional[str] = None, assumed_mfu: Optional[float] = None,
+         flash_attention: bool = True, model_name: str = "custom", check: bool = True,
+         memory_gib: Optional[float] = None) -> Plan:
+    """Per-GPU memory of every pipeline stage and the estimated step time of ``layout``.
+
+    ``gpu='cpu'`` with ``precision='fp32'`` is the CPU mode: fp32 weights/activations, plain
+    ``torch.optim.Adam`` (no master copy, not distributed), the local layer profile and no CUDA
+    overhead; it exists so the estimate can be checked against a real CPU step.
+    """
+    if gpu not in GPUS:
+        raise ConfigError(f"unknown GPU {gpu!r}; known: {sorted(GPUS)}")
+    spec = GPUS[gpu]
+    if memory_gib is not None:
+        spec = GPUSpec(spec.key, f"{spec.name} ({memory_gib:g} GiB)", int(memory_gib * GiB),
+                       spec.peak)
+    on_cpu = gpu == "cpu"
+    impl = impl or ("local" if on_cpu else "te")
+    if precision == "fp8" and impl != "te":
+        raise ConfigError("fp8 needs the Transformer Engine profile (impl te)")
+    if precision == "fp8" and "fp8" not in spec.peak and not on_cpu:
+        raise ConfigError(f"{spec.name} has no FP8 tensor cores; use bf16")
+    workload = workload or Workload(cfg.data.seq_length)
+    if check:
+        validate(_resolved_cfg(cfg, layout, workload, precision, impl), world_size=layout.num_gpus)
+    if workload.seq_length % layout.cp:
+        raise ConfigError(f"seq length {workload.seq_length} is not divisible by CP={layout.cp}")
+
+    m_cfg, llm, stage_cfg = cfg.model, cfg.model.llm, cfg.stage
+    grad_fp32 = bool(getattr(cfg.training, "grad_reduce_in_fp32", True))
+    num = Numerics.of(precision, grad_fp32)
+    tp, pp, cp, v = layout.tp, layout.pp, layout.cp, layout.vpp or 1
+    sp = bool(layout.sequence_parallel)
+    shard = layout.dp * cp if layout.distributed_optimizer else 1
+    mb, m = layout.micro_batch_size, layout.num_micro_batches
+    seqlens = workload.seqlens()
+    tokens = workload.seq_length / cp * mb
+    grids, frames = list(workload.vision_grids), list(workload.audio_frames)
+    warnings: list[str] = []
+
+    # Media sanity: the row must hold the media's LLM tokens.
+    media_tokens = 0
+    if grids:
+        if not m_cfg.vision.enabled:
+            raise ConfigError("the workload has images/videos but model.vision.enabled is false")
+        media_tokens += vision_llm_tokens(m_cfg.vision, grids) + 2 * len(grids)
+    if frames:
+        if not m_cfg.audio.enabled:
+            raise ConfigError("the workload has audio but model.audio.enabled is false")
+        media_tokens += (m_cfg.audio.tokens_per_clip + 2) * len(frames)
+    if media_tokens > workload.seq_length:
+        raise ConfigError(f"the row's media take {media_tokens} LLM tokens, more than the "
+                          f"sequence length {workload.seq_length}")
+
+    # What trains (a frozen part has weights only).
+    train_llm, train_vit = stage_cfg.train_llm, stage_cfg.train_vision
+    train_aud, train_proj = stage_cfg.train_audio, stage_cfg.train_projectors
+
+    def state_bytes(n: float, trains: bool, fp32_param: bool = False) -> tuple[float, float, float]:
+        pb = 4 if fp32_param else num.param
+        if not trains:
+            return n * pb, 0.0, 0.0
+        gb = 4 if fp32_param else num.grad
+        master = 0 if pb == 4 else num.master
+        return n * pb, n * gb, n * (master + ADAM_STATE_BYTES) / shard
+
+    # Parameters.
+    vp = padded_vocab_size(llm.vocab_size, llm.make_vocab_size_divisible_by, tp)
+    h = llm.hidden_size
+    lin, norms = llm_layer_params(cfg)
+    biggest_layer_weight = h * max(2 * llm.ffn_hidden_size,
+                                   (llm.num_attention_heads + 2 * llm.num_query_groups)
+                                   * llm.head_dim)
+    vit_tp, vit_rep = vit_params(cfg)
+    out_hidden = m_cfg.vision.merger_hidden_size or h
+    vproj = projector_params(out_hidden, h, m_cfg.projector.vision_depth) \
+        if m_cfg.vision.enabled else 0
+    aproj = projector_params(m_cfg.audio.frames_per_token * m_cfg.audio.hidden_size, h,
+                             m_cfg.projector.audio_depth) if m_cfg.audio.enabled else 0
+    n_sanm = sanm_params(cfg)
+
+    # Activation bytes per token / item.
+    kept_layer, whole_layer = llm_layer_activation_bytes(
+        cfg, num, impl, tp, sp, layout.recompute, seqlens, flash_attention)
+    if impl == "te":
+        head_act = 2.0 * h * num.act / (tp if sp else 1)
+    else:
+        head_act = (3.0 * h + 1) * num.act / (tp if sp else 1)
+    logits_act = vp / tp * (4.0 + (num.act if num.act < 4 else 0))
+    enc_act = 0.0  # per micro-batch, first chunk of rank 0
+    vit_block_transient = 0.0
+    if grids and train_vit:
+        kept, block = _vit_patch_bytes(cfg, num, impl, tp, layout.recompute, flash_attention,
+                                       grids)
+        patches = sum(t * hh * ww for t, hh, ww in grids)
+        enc_act += kept * patches * mb
+        if layout.recompute == "full":
+            vit_block_transient = block * patches * mb
+    if grids and (train_vit or train_proj):
+        vis_tokens = vision_llm_tokens(m_cfg.vision, grids)
+        enc_act += (out_hidden + 2 * (m_cfg.projector.vision_depth - 1) * h + h) \
+            * num.act * vis_tokens * mb
+    if frames and train_aud:
+        enc_act += _sanm_frame_bytes(cfg) * sum(frames) * mb
+    if frames and (train_aud or train_proj):
+        aud_tokens = sum(audio_llm_tokens(m_cfg.audio, t) for t in frames)
+        enc_act += (m_cfg.audio.frames_per_token * m_cfg.audio.hidden_size + 2 * h) \
+            * num.act * aud_tokens * mb
+    needs_llm_acts = train_llm or ((grids or frames) and (train_proj or train_vit or train_aud))
+
+    # FLOPs (hardware, per row) of one LLM layer, the LM head and the encoders.
+    upstream = bool((grids and (train_vit or train_proj)) or (frames and (train_aud or train_proj)))
+    llm_passes = training_passes(train_llm, upstream)
+    one_layer = llm_forward_flops(llm, seqlens, vp, num_layers=1, lm_head=False)
+    layer_flops = one_layer.training(llm_passes, layout.recompute)
+    head_flops = ForwardFlops(other=2.0 * workload.seq_length * h * vp).training(llm_passes)
+    enc_flops = 0.0
+    if grids:
+        enc_flops += vit_forward_flops(m_cfg.vision, grids, out_hidden).training(
+            training_passes(train_vit, False), layout.recompute) / tp
+        enc_flops += projector_forward_flops(out_hidden, h, m_cfg.projector.vision_depth,
+                                             vision_llm_tokens(m_cfg.vision, grids)) \
+            * training_passes(train_proj, train_vit)
+    if frames:
+        enc_flops += sanm_forward_flops(m_cfg.audio, frames).training(
+            training_passes(train_aud, False))
+        enc_flops += projector_forward_flops(
+            m_cfg.audio.frames_per_token * m_cfg.audio.hidden_size, h, m_cfg.projector.audio_depth,
+            sum(audio_llm_tokens(m_cfg.audio, t) for t in frames)) \
+            * training_passes(train_proj, train_aud)
+
+    layers = _stage_layers(cfg, layout)
+    stages: list[StagePlan] = []
+    for r in range(pp):
+        first, last = r == 0, r == pp - 1
+        n_layers = sum(layers[r])
+        has_enc = first and (m_cfg.vision.enabled or m_cfg.audio.enabled)
+        # Memory of the states.
+        groups = [(n_layers * lin / tp, train_llm, False), (n_layers * norms, train_llm, False)]
+        if first:
+            groups.append((vp * h / tp, train_llm, False))
+        if last and (llm.untie_embeddings_and_output_weights or pp > 1):
+            groups.append((vp * h / tp, train_llm, False))
+        if last:
+            groups.append((h, train_llm, False))
+        if first and m_cfg.vision.enabled:
+            groups += [(vit_tp / tp + vit_rep, train_vit, False), (vproj, train_proj, False)]
+        if first and m_cfg.audio.enabled:
+            groups += [(n_sanm, train_aud, True), (aproj, train_proj, False)]
+        weights = grads = optim = 0.0
+        params = 0.0
+        for n, trains, fp32_param in groups:
+            wb, gb, ob = state_bytes(n, trains, fp32_param)
+            weights, grads, optim, params = weights + wb, grads + gb, optim + ob, params + n
+        fp8_cache = n_layers * lin / tp * FP8_WEIGHT_CACHE_BYTES if precision == "fp8" else 0.0
+
+        # Activations: per chunk bytes x the schedule's in-flight counts.
+        chunk_bytes = []
+        for c, n in enumerate(layers[r]):
+            b = n * kept_layer * tokens if needs_llm_acts else 0.0
+            if first and c == 0:
+                b += enc_act
+            if last and c == v - 1:
+                b += (head_act + logits_act) * tokens
+            chunk_bytes.append(b)
+        best, best_counts = 0.0, ()
+        for counts in inflight_counts(pp, layout.vpp, m, r):
+            val = sum(k * b for k, b in zip(counts, chunk_bytes))
+            if val >= best:
+                best, best_counts = val, counts
+        # Transients.
+        transient = 0.0
+        if layout.recompute == "full" and needs_llm_acts and n_layers:
+            transient += whole_layer * tokens
+        if first:
+            transient += vit_block_transient
+        if impl == "te":
+            if first and train_llm:
+                transient += vp * h / tp * num.param
+        else:
+            biggest = max([vp * h / tp if (first or last) else 0.0,
+                           biggest_layer_weight / tp if n_layers else 0.0])
+            if train_llm:
+                transient += biggest * num.grad
+        overhead = 0.0 if on_cpu else FIXED_OVERHEAD_GIB * GiB + FRAGMENTATION * (best + transient)
+
+        flops = n_layers * layer_flops / (tp * cp) * mb
+        if last:
+            flops += head_flops / (tp * cp) * mb
+        if has_enc:
+            flops += enc_flops * mb
+        stages.append(StagePlan(r, n_layers, has_enc, first, last, int(params), weights, grads,
+                                optim, fp8_cache, best, list(best_counts), transient, overhead,
+                                flops))
+
+    # Throughput.
+    row = omni_row_flops(cfg, seqlens, grids, frames, vocab_size=vp)
+    model_flops = row.total * layout.global_batch
+    bubble = (pp - 1) / (v * m)
+    step_time = None
+    mfu_used = None
+    if precision in spec.peak:
+        mfu_used = assumed_mfu if assumed_mfu is not None else ACHIEVABLE_MFU.get(precision, 0.35)
+        rate = spec.peak[precision] * mfu_used
+        slowest = max(s.flops_per_micro_batch for s in stages) / rate
+        step_time = (m + (pp - 1) / v) * slowest
+
+    result = Plan(model_name, spec, precision, impl, layout, workload, model_params(cfg), stages,
+                  row.as_dict(), model_flops, mfu_used, step_time, bubble, warnings)
+    if spec.memory_bytes is not None:
+        peak = result.peak_stage
+        cap = spec.memory_bytes
+        if peak.total > cap:
+            warnings.append(
+                f"DOES NOT FIT: pipeline stage {peak.rank} needs {peak.total / GiB:.1f} GiB per "
+                f"GPU, more than the {cap / GiB:.1f} GiB of an {spec.name} (over by "
+                f"{(peak.total - cap) / GiB:.1f} GiB). Try more TP/PP, recompute=full, the "
+                f"distributed optimizer with more DP, or --suggest.")
+        elif peak.total > 0.92 * cap:
+            warnings.append(f"tight: stage {peak.rank} uses {peak.total / cap:.0%} of GPU memory; "
+                            f"the estimate is not exact, leave some headroom")
+    if pp > 1 and m < pp:
+        warnings.append(f"only {m} micro-batches for {pp} pipeline stages: most of the pipeline "
+                        f"idles; raise the global batch")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Search
+# ------------------------------------------------------------------------------------------------
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def suggest(cfg: OmniConfig, workload: Optional[Workload] = None, gpu: str = "h100",
+            precision: str = "bf16", micro_batch_size: int = 1, global_batch: int = 128,
+            cp: int = 1, num_gpus: Optional[int] = None, top: int = 5,
+            tps: Iterable[int] = (1, 2, 4, 8), max_pp: int = 32,
+            recomputes: Iterable[Optional[str]] = (None, "selective", "full"),
+            assumed_mfu: Optional[float] = None, model_name: str = "custom",
+            memory_gib: Optional[float] = None) -> list[Plan]:
+    """Layouts that fit, best estimated throughput first.
+
+    Searched: TP in ``tps``, PP dividing the layer count (<= ``max_pp``), no VPP or any VPP that
+    divides the layers per stage, a smaller first stage when encoders are present (no VPP),
+    ``recomputes``; distributed optimizer on, SP on with TP > 1, CP as given. Without
+    ``num_gpus`` each layout gets the smallest DP that fits (DP must divide the global batch in
+    micro-batches) and only layouts at the smallest fitting GPU count are returned; with
+    ``num_gpus`` DP is what that count leaves.
+    """
+    workload = workload or Workload(cfg.data.seq_length)
+    llm = cfg.model.llm
+    n_layers = llm.num_layers
+    has_enc = cfg.model.vision.enabled or cfg.model.audio.enabled
+    if global_batch % micro_batch_size:
+        raise ConfigError("global batch must be a multiple of the micro batch size")
+    rows = global_batch // micro_batch_size
+    found: list[Plan] = []
+    for tp in tps:
+        for pp in [p for p in _divisors(n_layers) if p <= max_pp]:
+            if num_gpus is not None:
+                if num_gpus % (tp * pp * cp):
+                    continue
+                dps = [num_gpus // (tp * pp * cp)]
+                if rows % dps[0]:
+                    continue
+            else:
+                dps = _divisors(rows)
+            options: list[tuple[Optional[int], Optional[int]]] = [(None, None)]
+            if pp > 1:
+                options += [(vv, None) for vv in _divisors(n_layers // pp) if vv >= 2]
+                if has_enc:
+                    # The first stage also runs the encoders (give it fewer layers) but the last
+                    # runs the LM head (sometimes the heavier one): the nearest sizes each way.
+                    even = n_layers // pp
+                    ok = [f for f in range(1, n_layers) if (n_layers - f) % (pp - 1) == 0]
+                    options += [(None, f) for f in [f for f in ok if f < even][-2:]
+                                + [f for f in ok if f > even][:1]]
+            for vpp, first in options:
+                for rec in recomputes:
+                    def attempt(dp: int) -> Optional[Plan]:
+                        try:
+                            lay = Layout(tp, pp, vpp, cp, dp, micro_batch_size, global_batch,
+                                         first_stage_num_layers=first, recompute=rec)
+                            return plan(cfg, lay, workload, gpu, precision,
+                                        assumed_mfu=assumed_mfu, model_name=model_name,
+                                        memory_gib=memory_gib)
+                        except ConfigError:
+                            return None
+
+                    # Memory does not grow with DP: binary search the smallest DP that fits.
+                    lo, hi, best = 0, len(dps) - 1, None
+                    while lo <= hi:
+                        mid = (lo + hi) // 2
+                        p = attempt(dps[mid])
+                        if p is not None and p.fits:
+                            best, hi = p, mid - 1
+                        else:
+                            lo = mid + 1
+                    if best is not None:
+                        found.append(best)
+    if not found:
+        return []
+    if num_gpus is None:
+        smallest = min(p.layout.num_gpus for p in found)
+        found = [p for p in found if p.layout.num_gpus == smallest]
+    found.sort(key=lambda p: (-(p.tokens_per_s_per_gpu or 0.0), p.peak_bytes))
+    return found[:top]
+
+
+# ------------------------------------------------------------------------------------------------
+# Text output
+# ------------------------------------------------------------------------------------------------
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:8.2f}"
+
+
+def format_plan(p: Plan) -> str:
+    """A readable report of one plan."""
+    lay, w = p.layout, p.workload
+    pr = p.params
+    lines = [
+        f"model      {p.model}: LLM {pr['llm'] / 1e9:.2f}B, ViT {pr['vision'] / 1e9:.3f}B, "
+        f"SAN-M {pr['audio'] / 1e9:.3f}B, projectors {pr['projectors'] / 1e9:.3f}B "
+        f"(total {pr['total'] / 1e9:.2f}B)",
+        f"hardware   {p.gpu.name}, {p.precision}, {p.impl} layers",
+        f"layout     {lay.describe()}; SP {'on' if lay.sequence_parallel else 'off'}, "
+        f"distributed optimizer {'on' if lay.distributed_optimizer else 'off'}, "
+        f"recompute {lay.recompute or 'none'}"
+        + (f", first stage {lay.first_stage_num_layers} LLM layers"
+           if lay.first_stage_num_layers is not None else ""),
+        f"batch      micro batch {lay.micro_batch_size} x {lay.num_micro_batches} micro-batches x "
+        f"DP {lay.dp} = global batch {lay.global_batch} rows of {w.seq_length} tokens",
+        f"row        {w.describe()}",
+        "",
+    ]
+    shown = {0, p.peak_stage.rank, len(p.stages) - 1}
+    stages = [s for s in p.stages if s.rank in shown]
+    lines.append(f"{'per-GPU memory (GiB)':<28}"
+                 + "".join(f"{'stage ' + str(s.rank):>10}" for s in stages))
+
+    def row(label, fn):
+        lines.append(f"{label:<28}" + "".join(f"{fn(s):>10}" for s in stages))
+
+    row("  LLM layers", lambda s: str(s.llm_layers) + ("+enc" if s.has_encoders else ""))
+    row("  weights", lambda s: _gib(s.weights).strip())
+    row("  gradients", lambda s: _gib(s.gradients).strip())
+    row("  optimizer states", lambda s: _gib(s.optimizer).strip())
+    if p.precision == "fp8":
+        row("  fp8 weight cache", lambda s: _gib(s.fp8_weight_cache).strip())
+    row("  activations", lambda s: _gib(s.activations).strip())
+    row("    in flight (per chunk)", lambda s: "/".join(str(c) for c in s.inflight) or "0")
+    row("  transients", lambda s: _gib(s.transient).strip())
+    if p.gpu.memory_bytes is not None:
+        row("  overhead", lambda s: _gib(s.overhead).strip())
+    row("  total", lambda s: _gib(s.total).strip())
+    lines.append("")
+    peak = p.peak_stage
+    if p.fits is None:
+        lines.append(f"peak       {peak.total / GiB:.2f} GiB (stage {peak.rank}); no device limit")
+    else:
+        cap = p.gpu.memory_bytes
+        verdict = "fits" if p.fits else "DOES NOT FIT"
+        lines.append(f"peak       {peak.total / GiB:.2f} GiB on stage {peak.rank} of "
+                     f"{cap / GiB:.2f} GiB ({peak.total / cap:.0%}): {verdict}")
+    if p.step_time:
+        lines += [
+            f"step       {p.step_time:.4g} s estimated (assumed MFU {p.assumed_mfu:.2f} of "
+            f"{p.gpu.peak[p.precision] / 1e12:.0f} TFLOP/s {p.precision}, pipeline bubble "
+            f"(PP-1)/(VPP*m) = {p.bubble_fraction:.1%}, slowest stage {p.stage_imbalance:.3f}x "
+            f"the mean)",
+            f"throughput {p.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, "
+            f"{p.tflops_per_gpu:,.0f} model TFLOP/s/GPU, MFU {p.mfu:.1%} "
+            f"({p.model_flops_per_step / lay.global_batch / w.seq_length / 1e9:.4g} GFLOP/token)",
+        ]
+    for msg in p.warnings:
+        lines.append(f"WARNING: {msg}")
+    return "\n".join(lines)
+
+
+def format_suggestions(plans: Sequence[Plan]) -> str:
+    """A table of :func:`suggest` results."""
+    if not plans:
+        return "no layout fits; try another GPU, a shorter sequence or a smaller micro batch"
+    head = (f"{'GPUs':>5} {'TP':>3} {'PP':>3} {'VPP':>4} {'CP':>3} {'DP':>4} {'1st':>4} "
+            f"{'recompute':>10} {'peak GiB':>9} {'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU':>6}")
+    lines = [head]
+    for p in plans:
+        lay = p.layout
+        first = "-" if lay.first_stage_num_layers is None else lay.first_stage_num_layers
+        lines.append(
+            f"{lay.num_gpus:>5} {lay.tp:>3} {lay.pp:>3} {lay.vpp or '-':>4} {lay.cp:>3} "
+            f"{lay.dp:>4} {first:>4} "
+            f"{lay.recompute or 'none':>10} {p.peak_bytes / GiB:>9.2f} "
+            f"{(p.tokens_per_s_per_gpu or 0):>10,.0f} {(p.tflops_per_gpu or 0):>8,.0f} "
+            f"{(p.mfu or 0):>6.1%}")
+    return "\n".join(lines)
