@@ -341,8 +341,16 @@ class DataConfig:
     seed: int = 1234
     """Shuffle seed."""
 
+    packing_buffer_size: int = 256
+    """Samples the loader buffers before the packer partitions them into rows."""
+
+    shuffle_buffer_size: int = 256
+    """Samples in the loader's shuffle buffer (1 = no shuffling beyond the shard order)."""
+
     def __post_init__(self):
         _check(self.seq_length >= 8, "data.seq_length must be >= 8")
+        _check(self.packing_buffer_size >= 1, "data.packing_buffer_size must be >= 1")
+        _check(self.shuffle_buffer_size >= 1, "data.shuffle_buffer_size must be >= 1")
         _check(self.micro_batch_size >= 1, "data.micro_batch_size must be >= 1")
         _check(0.0 <= self.pure_text_ratio < 1.0, "data.pure_text_ratio must be in [0, 1)")
         _check(self.media_backend in ("auto", "dali", "cpu"),
@@ -411,6 +419,35 @@ class TrainingConfig:
     save_interval: int = 0
     """Steps between checkpoints (0 = only at the end / on signal)."""
 
+    max_nan_steps: int = 5
+    """Steps in a row with a NaN/Inf loss (each skipped, no update) before the run stops."""
+
+    tensorboard_dir: Optional[str] = None
+    """TensorBoard log directory (None = ``<save>/tensorboard`` when saving, else none)."""
+
+    exit_interval: Optional[int] = None
+    """Stop (after saving) once this many steps ran in this process; None = run to train_iters.
+    Lets a test or a time-limited job end cleanly and resume later."""
+
+    keep_last_checkpoints: int = 2
+    """Complete checkpoints kept under training.save; older ones are deleted only after a newer
+    one is published (0 keeps all)."""
+
+    load: Optional[str] = None
+    """Checkpoint to resume from (optimizer, scheduler, RNG and data state included): a
+    step_XXXXXXXX directory or a root whose newest complete checkpoint is used. None = resume
+    from training.save when it holds one."""
+
+    optimizer: str = "adamw"
+    """'adamw' (decoupled weight decay) or 'adam' (L2 penalty added to the gradient)."""
+
+    grad_reduce_in_fp32: bool = True
+    """Accumulate and all-reduce gradients in fp32 (DDP buffers) even when params are bf16."""
+
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass (GPU only; always off
+    on CPU)."""
+
     def __post_init__(self):
         _check(self.train_iters >= 0, "training.train_iters must be >= 0")
         _check(self.lr >= 0 and self.min_lr >= 0, "training.lr and min_lr must be >= 0")
@@ -420,6 +457,10 @@ class TrainingConfig:
                f"training.fp8 must be null|hybrid|e4m3, got {self.fp8!r}")
         _check(self.recompute_granularity in (None, "full", "selective"),
                "training.recompute_granularity must be null|full|selective")
+        _check(self.optimizer in ("adam", "adamw"),
+               f"training.optimizer must be adam|adamw, got {self.optimizer!r}")
+        _check(self.keep_last_checkpoints >= 0,
+               "training.keep_last_checkpoints must be >= 0 (0 keeps all)")
 
 
 @dataclass
@@ -447,11 +488,51 @@ class StageConfig:
     init_from: Optional[str] = None
     """Previous stage's checkpoint: weights only, fresh optimizer."""
 
+    init_allow_missing: list[str] = field(default_factory=list)
+    """Parameter-name prefixes that may be absent from ``init_from`` (parts new in this stage,
+    e.g. ``audio_model.``); they keep their fresh initialisation."""
+
+    step_balance_file: Optional[str] = None
+    """Step balance (PT-3): JSON written by ``--calibrate-step-balance`` with the weights w_i."""
+
+    balance_alpha: float = 10.0
+    """Step balance: sum of the weights, w_i = alpha * (1/L_i*) / sum_j (1/L_j*)."""
+
+    calibration_max_steps: int = 200
+    """Calibration: most steps one modality trains alone before L_i* is taken anyway."""
+
+    plateau_window: int = 10
+    """Calibration plateau rule: compare the means of the last two windows of this many steps."""
+
+    plateau_rel_tol: float = 0.02
+    """Calibration plateau rule: converged when those means differ by less than this fraction."""
+
+    balance_window: int = 5
+    """Dynamic balance: H, validation segments in the slope window (weights are 1 until H)."""
+
+    balance_scale: float = 1.0
+    """Dynamic balance: f, the softmax scale of the convergence scores."""
+
+    balance_interval: int = 10
+    """Dynamic balance: optimizer steps between validation segments."""
+
+    val_micro_batches: int = 2
+    """Dynamic balance: S_i, held-out micro-batches per modality in one validation segment."""
+
+    gen_audio_loss_weight: float = 1.0
+    """Weight of the speech-output loss L_gen_a in every step."""
+
     def __post_init__(self):
         names = ("pt1", "pt2", "pt3", "it1", "it2", "it3", "at", "custom")
         _check(self.name in names, f"stage.name must be one of {names}, got {self.name!r}")
         _check(self.balance in ("none", "step", "dynamic"),
                f"stage.balance must be none|step|dynamic, got {self.balance!r}")
+        _check(self.balance_window >= 2, "stage.balance_window (H) must be >= 2")
+        _check(self.balance_scale >= 0, "stage.balance_scale (f) must be >= 0")
+        _check(self.balance_interval >= 1 and self.val_micro_batches >= 1,
+               "stage.balance_interval and stage.val_micro_batches must be >= 1")
+        _check(self.balance_alpha > 0, "stage.balance_alpha must be > 0")
+        _check(self.gen_audio_loss_weight >= 0, "stage.gen_audio_loss_weight must be >= 0")
 
 
 @dataclass
