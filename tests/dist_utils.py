@@ -25,7 +25,8 @@ def free_port() -> int:
 
 def run_workers(script: str, world_size: int, args: list[str] = (), timeout: int = 600,
                 env_extra: dict | None = None) -> dict:
-    """Run ``tests/workers/<script>`` on ``world_size`` ranks; return rank 0's JSON result."""
+    """Run ``tests/workers/<script>`` on ``world_size`` ranks; return the JSON result the
+    workers wrote (by convention rank 0, or the last rank where losses live)."""
     port = free_port()
     out = Path(tempfile.mkdtemp(prefix="omni_workers_")) / "result.json"
     procs = []

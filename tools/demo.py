@@ -1,172 +1,176 @@
 #!/usr/bin/env python
-"""Tiny CPU demo: train the Llama-3 M-RoPE LLM with tensor parallelism (TP=2) on 2 gloo ranks.
+"""The tiny CPU demo of the whole M2-omni recipe (what ``make demo`` runs).
 
-This is the foundation-stage demo behind ``make demo``: real megatron-core training steps
-(schedule, DDP, Adam optimizer, gradient clipping) on packed rows of a learnable synthetic task,
-printing the loss. It grows into the full omni demo (synthetic omni data, step balance, dynamic
-balance) with the training issue.
+1. writes the synthetic omni dataset (images, videos, audio, speech answers, image-generation
+   prompts, interleaved, text, a held-out split, some broken files) and trains a tiny tokenizer;
+2. preprocesses it into Megatron-Energon shards (broken samples skipped and counted);
+3. PT-3-like stage on 2 gloo ranks with tensor parallelism (TP=2): step-balance calibration
+   (each modality alone until its loss plateaus), then joint training with the step-balance
+   weights;
+4. IT-3-like stage from the PT-3 checkpoint with dynamic adaptive balance;
+5. prints a summary: per-modality loss at the start and end of each stage, the balance weights,
+   where the checkpoints and TensorBoard logs are. Exits non-zero if a modality's loss did not
+   fall.
 
-    python tools/demo.py                 # launches 2 local ranks itself
-    python tools/demo.py --steps 60 --tp 2 --nproc 2
+Running it again reuses the data and resumes each stage from its newest checkpoint (a finished
+stage is reported, not retrained); ``--fresh`` deletes earlier runs first.
+
+    python tools/demo.py [--out demo_out] [--fresh] [--pt3-steps 60] [--it3-steps 50]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SPEECH_CODES = 64  # the synthetic speech answers use codes 0..63 (model.speech_codebook_size)
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nproc", type=int, default=2, help="local processes to launch (default 2)")
+    p.add_argument("--out", default=str(REPO / "demo_out"), help="output folder (demo_out)")
+    p.add_argument("--fresh", action="store_true", help="delete earlier runs (data is kept)")
+    p.add_argument("--nproc", type=int, default=2, help="local ranks (default 2)")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
-    p.add_argument("--seq-length", type=int, default=64, help="packed row length (default 64)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--samples", type=int, default=48, help="synthetic samples per modality")
+    p.add_argument("--pt3-steps", type=int, default=60, help="PT-3 optimizer steps")
+    p.add_argument("--it3-steps", type=int, default=50, help="IT-3 optimizer steps")
     return p.parse_args(argv)
 
 
-def launch(args) -> int:
-    """Start ``nproc`` copies of this script as ranks of one gloo job (what torchrun does)."""
+def say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def _texts(raw: Path) -> list[str]:
+    out = []
+    for f in sorted(raw.glob("*.jsonl")):
+        for line in f.read_bytes().splitlines():
+            try:
+                o = json.loads(line)
+            except ValueError:
+                continue
+            out.append(o.get("text") or "")
+            out += [m.get("content", "") for m in o.get("messages") or [] if isinstance(m, dict)
+                    and isinstance(m.get("content"), str)]
+    return out
+
+
+def prepare_data(out: Path, samples: int) -> tuple[Path, Path]:
+    """Synthetic raw data -> tokenizer -> Energon shards (skipped when already complete)."""
+    from make_synthetic_dataset import make_synthetic_dataset
+
+    from megatron_omni.data.preprocess import preprocess
+    from megatron_omni.data.tokenizer import train_tiny_tokenizer
+
+    raw, prepared, tok = out / "raw", out / "prepared", out / "tokenizer.json"
+    report_file = prepared / "preprocess_report.json"
+    if report_file.exists() and tok.exists():
+        say(f"reusing prepared data in {prepared}")
+        return prepared, tok
+    shutil.rmtree(prepared, ignore_errors=True)
+    t = time.time()
+    make_synthetic_dataset(raw, num_per_modality=samples, seed=0, broken=True,
+                           num_val_per_modality=8)
+    train_tiny_tokenizer(_texts(raw), 400, tok)
+    say(f"synthetic dataset + tokenizer in {time.time() - t:.1f}s -> {raw}")
+    t = time.time()
+    from megatron_omni.data.tokenizer import load_tokenizer
+
+    report = preprocess(raw, prepared, load_tokenizer(tok, speech_codebook_size=SPEECH_CODES),
+                        workers=2, progress=False)
+    skipped = {k: v for k, v in report.skipped.items() if v}
+    say(f"preprocessed in {time.time() - t:.1f}s: {report.written} samples written, "
+        f"skipped {skipped}")
+    return prepared, tok
+
+
+def launch(args, config: Path, overrides: list[str], extra: list[str] = ()) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
+           "--master-port", str(_free_port()), "-m", "megatron_omni.train",
+           "--config", str(config), *extra, *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+    return subprocess.call(cmd, cwd=REPO, env=env)
+
+
+def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(args.nproc):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(args.nproc), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", *sys.argv[1:]],
-                                      env=env))
-    codes = [p.wait() for p in procs]
-    return max(codes)
-
-
-def make_row(gen, seq_length: int, vocab: int):
-    """A packed row of 2-4 samples; each sample counts upward mod 97 from a random start, so the
-    next token is predictable from the current one (the model must learn +1)."""
-    import torch
-
-    n = int(torch.randint(2, 5, (1,), generator=gen))
-    cuts = sorted(torch.randperm(seq_length - 8, generator=gen)[: n - 1].add(4).tolist())
-    lens = [b - a for a, b in zip([0] + cuts, cuts + [seq_length])]
-    toks, pos = [], []
-    for length in lens:
-        start = int(torch.randint(0, 97, (1,), generator=gen))
-        toks.append((torch.arange(length + 1) + start) % 97)
-        pos.append(torch.arange(length))
-    tokens = torch.cat([t[:-1] for t in toks])[None]
-    labels = torch.cat([t[1:] for t in toks])[None]
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
-    return dict(tokens=tokens, labels=labels, position_ids=torch.cat(pos)[None], cu_seqlens=cu)
-
-
-def worker(args) -> None:
-    import warnings
-
-    # megatron-core announces every missing GPU extension at import; the log says it once below.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
-    from megatron_omni.parallel.cpu_compat import import_megatron_fast
-
-    import_megatron_fast()
-    import torch
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import (DistributedDataParallel,
-                                           DistributedDataParallelConfig, finalize_model_grads)
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_omni.config import load_config
-    from megatron_omni.models.attention import packed_seq_params
-    from megatron_omni.models.llm import build_llm_chunks
-    from megatron_omni.parallel import runtime
-
-    torch.set_num_threads(1)
-    cfg = load_config(REPO / "examples" / "tiny_llm.yaml", [
-        f"parallel.tensor_model_parallel_size={args.tp}",
-        f"parallel.pipeline_model_parallel_size={args.pp}",
-        f"data.seq_length={args.seq_length}", f"training.train_iters={args.steps}",
-        f"training.lr={args.lr}"])
-    env = runtime.initialize(cfg.parallel, seed=cfg.training.seed)
-    chunks = build_llm_chunks(cfg)
-    model = [DistributedDataParallel(c.config, DistributedDataParallelConfig(), c)
-             for c in chunks]
-    for c in chunks:
-        c.config.finalize_model_grads_func = finalize_model_grads
-    opt = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=cfg.training.lr, min_lr=cfg.training.min_lr,
-        weight_decay=cfg.training.weight_decay, adam_beta1=cfg.training.adam_beta1,
-        adam_beta2=cfg.training.adam_beta2, clip_grad=cfg.training.clip_grad, bf16=False),
-        model)
-    gen = torch.Generator().manual_seed(1000 + ps.get_data_parallel_rank())
-    n_params = sum(p.numel() for c in chunks for p in c.parameters())
-    if env.rank == 0:
-        print(f"[demo] backend={'nccl' if torch.cuda.is_available() else 'gloo'} "
-              f"layers={chunks[0].transformer_impl} ranks={env.world_size} TP={args.tp} PP={args.pp} "
-              f"DP={ps.get_data_parallel_world_size()} params/rank={n_params:,} "
-              f"seq={args.seq_length}", flush=True)
-
-    def forward_step(it, m):
-        b = next(it)
-        out = m(b["tokens"], b["position_ids"], labels=b["labels"],
-                packed_seq_params=packed_seq_params(b["cu_seqlens"]))
-
-        def loss_func(per_token):
-            loss = per_token.float().mean()
-            return loss, {"loss": loss.detach().clone()}
-
-        return out, loss_func
-
-    micro = cfg.training.num_micro_batches
-    first = last = None
-    t0 = time.time()
-    for step in range(1, args.steps + 1):
-        lr = cfg.training.lr * min(1.0, step / 5)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        for m in model:
-            m.zero_grad_buffer()
-        opt.zero_grad()
-        batches = [make_row(gen, args.seq_length, 97) for _ in range(micro)]
-        losses = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches),
-            model=model[0], num_microbatches=micro, seq_length=args.seq_length,
-            micro_batch_size=1, forward_only=False)
-        ok, grad_norm, _ = opt.step()
-        loss = torch.tensor(sum(d["loss"].item() for d in losses) / max(1, len(losses)))
-        if ps.is_pipeline_last_stage():
-            torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
-            loss /= ps.get_data_parallel_world_size()
-        first = loss.item() if first is None else first
-        last = loss.item()
-        if env.rank == (env.world_size - 1) and (step % 5 == 0 or step == 1):
-            tok_s = step * micro * args.seq_length * ps.get_data_parallel_world_size() / (
-                time.time() - t0)
-            print(f"[demo] step {step:4d}/{args.steps} | lr {lr:.2e} | loss {last:.4f} | "
-                  f"grad norm {grad_norm:.3f} | {tok_s:,.0f} tokens/s", flush=True)
-    if env.rank == env.world_size - 1:
-        print(f"[demo] loss {first:.4f} -> {last:.4f} in {time.time() - t0:.1f}s", flush=True)
-        if not last < first:
-            raise SystemExit("[demo] loss did not fall")
-    runtime.destroy()
+        return s.getsockname()[1]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.worker:
-        worker(args)
-        return 0
-    return launch(args)
+    out = Path(args.out).resolve()
+    runs = out / "runs"
+    if args.fresh:
+        shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    prepared, tok = prepare_data(out, args.samples)
+    from megatron_omni.data.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(tok, speech_codebook_size=SPEECH_CODES).vocab_size
+    common = [f"data.path={prepared}", f"data.tokenizer={tok}", f"model.llm.vocab_size={vocab}",
+              f"parallel.tensor_model_parallel_size={args.tp}",
+              f"parallel.pipeline_model_parallel_size={args.pp}"]
+    stages = REPO / "examples" / "stages" / "tiny"
+    balance_file = runs / "step_balance.json"
+    pt3 = common + [f"training.save={runs / 'pt3'}", f"training.train_iters={args.pt3_steps}",
+                    f"stage.step_balance_file={balance_file}"]
+    if not balance_file.exists():
+        say("PT-3 step-balance calibration: each modality alone until its loss plateaus")
+        if launch(args, stages / "pt3.yaml", pt3 + ["stage.balance=none"],
+                  ["--calibrate-step-balance", str(balance_file)]):
+            return 1
+    say(f"PT-3 joint training with step balance "
+        f"{json.loads(balance_file.read_text())['weights']}")
+    if launch(args, stages / "pt3.yaml", pt3):
+        return 1
+    it3 = common + [f"training.save={runs / 'it3'}", f"training.train_iters={args.it3_steps}",
+                    f"stage.init_from={runs / 'pt3'}"]
+    say("IT-3 omni instruction stage with dynamic adaptive balance (from the PT-3 checkpoint)")
+    if launch(args, stages / "it3.yaml", it3):
+        return 1
+    return summarize(runs, time.time() - t0)
+
+
+def summarize(runs: Path, seconds: float) -> int:
+    ok = True
+    say("=" * 78)
+    say(f"summary ({seconds / 60:.1f} min)")
+    for stage in ("pt3", "it3"):
+        f = runs / stage / "summary.json"
+        if not f.exists():
+            say(f"{stage}: no summary found")
+            ok = False
+            continue
+        s = json.loads(f.read_text())
+        say(f"{stage}: steps {s['first_step']}..{s['last_step']}  checkpoint {s['checkpoint']}")
+        say(f"{stage}: tensorboard --logdir {s['tensorboard']}")
+        for m in sorted(s["start_losses"]):
+            a, b = s["start_losses"][m], s["end_losses"].get(m, float("nan"))
+            fell = b < a
+            ok &= fell or not s["trained_here"]
+            say(f"   {m:<12} loss {a:7.4f} -> {b:7.4f}  {'fell' if fell else 'DID NOT FALL'}")
+        say(f"   balance weights: " + ", ".join(f"{k} {v:.3f}" for k, v in s["weights"].items()))
+    if not ok:
+        say("a modality's loss did not fall")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,450 @@
+"""The training loop: build, (resume), step over modality groups, balance, log, checkpoint.
+
+Everything heavy lives elsewhere and is only wired here: the model (``models/omni.py``), one step
+over modality groups (``training/step.py``), the balance math (``training/balance.py``),
+optimizer/scheduler/DDP (``training/optimizer.py``), checkpoints (``training/checkpoint.py``),
+data (``data/loaders.py``), FLOPs (``training/flops.py``) and logging (``training/logging.py``).
+
+Data sources: anything with ``next(modality) -> batch``, ``save_state()``, ``restore_state()``
+and ``val_batches(modality, n) -> list[batch]`` works; :class:`EnergonData` adapts
+``data.loaders.OmniLoaders`` (the real pipeline).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+import torch
+
+from ..config.schema import ConfigError, OmniConfig
+from ..config.validate import validate
+from . import checkpoint as ckpt
+from .balance import DynamicBalancer, PlateauDetector, read_step_balance_file
+from .logging import StepStats, TrainLogger
+from .step import GEN_AUDIO, StepResult, run_group_step
+
+log = logging.getLogger(__name__)
+
+
+class DataSource(Protocol):
+    def next(self, modality: str) -> dict: ...
+
+    def val_batches(self, modality: str, n: int) -> list[dict]: ...
+
+    def save_state(self) -> dict: ...
+
+    def restore_state(self, state: dict) -> None: ...
+
+
+class NanLossError(RuntimeError):
+    """Too many steps in a row had a NaN/Inf loss."""
+
+
+def to_model_batch(b: dict) -> dict:
+    """A loader batch ``[mb, T]`` as one THD row ``[1, mb*T]`` (cu_seqlens already span it)."""
+    out = dict(b)
+    if b["tokens"].shape[0] > 1:
+        for k in ("tokens", "labels", "loss_mask"):
+            out[k] = b[k].reshape(1, -1)
+        pos = b["position_ids"]
+        out["position_ids"] = pos.reshape(pos.shape[0], 1, -1) if pos.dim() == 3 else \
+            pos.reshape(1, -1)
+    if out["position_ids"].dim() == 2:
+        out["position_ids"] = out["position_ids"].unsqueeze(0).expand(3, -1, -1)
+    if out.get("vision_grid_thw") is not None and len(out["vision_grid_thw"]) == 0:
+        out["vision_grid_thw"] = None
+        out["vision_patches"] = None
+    if out.get("audio_waveforms") is not None and len(out["audio_waveforms"]) == 0:
+        out["audio_waveforms"] = None
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    for k in ("tokens", "labels", "loss_mask", "position_ids", "vision_patches"):
+        if isinstance(out.get(k), torch.Tensor):
+            out[k] = out[k].to(device, non_blocking=True)
+    if out.get("audio_waveforms") is not None:
+        out["audio_waveforms"] = [w.to(device) for w in out["audio_waveforms"]]
+    return out
+
+
+class EnergonData:
+    """Adapter: ``OmniLoaders`` -> the trainer's DataSource."""
+
+    def __init__(self, cfg: OmniConfig, tokenizer):
+        from ..data.loaders import OmniLoaders
+
+        self.loaders = OmniLoaders(cfg.data, tokenizer)
+        self.skipped_total = 0
+
+    def next(self, modality: str) -> dict:
+        b = self.loaders.next(modality)
+        self.skipped_total += sum((b.get("skipped") or {}).values())
+        return b
+
+    def val_batches(self, modality: str, n: int) -> list[dict]:
+        return list(self.loaders.val_loader(modality, limit=n))
+
+    def save_state(self) -> dict:
+        return {"loaders": self.loaders.save_state(), "skipped_total": self.skipped_total}
+
+    def restore_state(self, state: dict) -> None:
+        self.loaders.restore_state(state["loaders"])
+        self.skipped_total = state.get("skipped_total", 0)
+
+
+@dataclass
+class RunSummary:
+    """What a run reports at the end."""
+
+    first_losses: dict[str, float] = field(default_factory=dict)
+    last_losses: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    steps_done: int = 0
+    last_step: int = 0
+    checkpoint: Optional[str] = None
+    tensorboard: Optional[str] = None
+    nan_steps: int = 0
+    stopped_by_signal: bool = False
+    loss_history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _is_logging_rank() -> bool:
+    return _rank() == torch.distributed.get_world_size() - 1
+
+
+class Trainer:
+    """One training stage of one run (collective: every rank constructs and runs it)."""
+
+    def __init__(self, cfg: OmniConfig, data: Optional[DataSource] = None,
+                 printer: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.printer = printer
+        self._data = data
+
+    # ------------------------------------------------------------------------------- build
+    def setup(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        from ..models.omni import build_omni_chunks, set_trainable, special_token_ids
+        from ..parallel import runtime
+        from .optimizer import build_optimizer, build_scheduler, wrap_ddp
+
+        cfg = self.cfg
+        env = runtime.dist_env_from_environ()
+        validate(cfg, world_size=env.world_size)
+        if not torch.distributed.is_initialized() or not ps.model_parallel_is_initialized():
+            runtime.initialize(cfg.parallel, seed=cfg.training.seed, env=env)
+        self.special = special_token_ids(cfg)
+        self.tokenizer = None
+        if cfg.data.tokenizer:
+            from ..data.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(cfg.data.tokenizer,
+                                            speech_codebook_size=cfg.model.speech_codebook_size)
+            if self.tokenizer.vocab_size != cfg.model.llm.vocab_size:
+                raise ConfigError(
+                    f"model.llm.vocab_size ({cfg.model.llm.vocab_size}) != the tokenizer's "
+                    f"vocabulary with special tokens and speech codes "
+                    f"({self.tokenizer.vocab_size}); set model.llm.vocab_size="
+                    f"{self.tokenizer.vocab_size}")
+        chunks = build_omni_chunks(cfg)
+        st = cfg.stage
+        counts = [set_trainable(c, vision=st.train_vision, audio=st.train_audio,
+                                projectors=st.train_projectors, llm=st.train_llm) for c in chunks]
+        if not any(sum(c.values()) for c in counts) and _rank() == 0:
+            raise ConfigError("stage.train_* leave nothing trainable")
+        self.chunks = chunks
+        self.model = wrap_ddp(cfg, chunks)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        if self._data is None:
+            self._data = EnergonData(cfg, self.tokenizer)
+        self.data = self._data
+        self.modalities = list(cfg.data.modalities)
+        self.balancer: Optional[DynamicBalancer] = None
+        self.weights = {m: 1.0 for m in self.modalities}
+        if st.balance == "step":
+            if not st.step_balance_file:
+                raise ConfigError("stage.balance=step needs stage.step_balance_file (write one "
+                                  "with --calibrate-step-balance)")
+            self.weights = read_step_balance_file(st.step_balance_file, self.modalities)
+        elif st.balance == "dynamic":
+            self.balancer = DynamicBalancer(self.modalities, window=st.balance_window,
+                                            scale=st.balance_scale)
+        self.step = 0
+        self.nan_steps = 0
+        self.nan_in_row = 0
+        tb = cfg.training.tensorboard_dir
+        if tb is None and cfg.training.save:
+            tb = str(Path(cfg.training.save) / "tensorboard")
+        self.tensorboard_dir = tb
+        self.logger = TrainLogger(tb, enabled=_is_logging_rank(), printer=self.printer)
+        self._resume_or_init()
+        ckpt.install_signal_handlers()
+        self.num_devices = torch.distributed.get_world_size()
+
+    def _resume_or_init(self) -> None:
+        cfg = self.cfg
+        source = cfg.training.load
+        if source is None and cfg.training.save:
+            found = ckpt.find_latest(cfg.training.save)
+            source = str(found) if found is not None else None
+        if source is not None:
+            extra = ckpt.load_checkpoint(source, self.model, self.optimizer, self.scheduler)
+            self.step = int(extra["step"])
+            self.nan_steps = int(extra.get("nan_steps", 0))
+            if self.balancer is not None and extra.get("balancer") is not None:
+                self.balancer.load_state_dict(extra["balancer"])
+            if extra.get("weights") is not None and self.balancer is None:
+                self.weights = dict(extra["weights"])
+            local = extra.get(ckpt.RANK_LOCAL)
+            if local is not None and local.get("data") is not None:
+                self.data.restore_state(local["data"])
+            if _is_logging_rank():
+                self.printer(f" resumed from {extra[ckpt.META_KEY]['path']} at step {self.step}")
+        elif cfg.stage.init_from:
+            allow = cfg.stage.init_allow_missing or False
+            ckpt.load_checkpoint(cfg.stage.init_from, self.model, self.optimizer, None,
+                                 weights_only=True, allow_missing=allow)
+            if _is_logging_rank():
+                self.printer(f" initialised weights from {cfg.stage.init_from} (fresh optimizer)")
+
+    # ------------------------------------------------------------------------------- pieces
+    def current_weights(self) -> dict[str, float]:
+        if self.balancer is not None:
+            return dict(self.balancer.weights)
+        return dict(self.weights)
+
+    def _step_flops(self, groups: dict[str, list[dict]]) -> float:
+        from .flops import omni_row_flops
+
+        total = 0.0
+        for batches in groups.values():
+            for b in batches:
+                cu = b["cu_seqlens"].tolist()
+                seqlens = [e - s for s, e in zip(cu[:-1], cu[1:]) if e > s]
+                grids = b["vision_grid_thw"].tolist() if b.get("vision_grid_thw") is not None \
+                    else []
+                frames = [max(1, int(w.numel()) // 960) for w in (b.get("audio_waveforms") or [])]
+                total += omni_row_flops(self.cfg, seqlens, grids, frames).total
+        return total * torch.distributed.get_world_size() / max(
+            1, _model_parallel_size())
+
+    def save(self) -> Optional[Path]:
+        if not self.cfg.training.save:
+            return None
+        extra = {"step": self.step, "nan_steps": self.nan_steps,
+                 "balancer": self.balancer.state_dict() if self.balancer is not None else None,
+                 "weights": self.current_weights(),
+                 ckpt.RANK_LOCAL: {"data": self.data.save_state()}}
+        path = ckpt.save_checkpoint(self.cfg.training.save, self.step, self.model,
+                                    self.optimizer, self.scheduler, extra, self.cfg)
+        if _is_logging_rank():
+            self.printer(f" saved checkpoint {path}")
+        return path
+
+    def validation_segment(self) -> dict[str, float]:
+        """S_i held-out micro-batches per modality, forward only, DP/PP-averaged losses."""
+        groups = {m: [to_model_batch(b) for b in
+                      self.data.val_batches(m, self.cfg.stage.val_micro_batches)]
+                  for m in self.modalities}
+        empty = [m for m, bs in groups.items() if not bs]
+        if empty:
+            raise ConfigError(f"no held-out validation batches for {empty}; dynamic balance needs "
+                              f"a val split per modality (the *_val.jsonl files)")
+        for m in self.model:
+            m.eval()
+        with torch.no_grad():
+            res = run_group_step(self.model, groups, {m: 1.0 for m in groups}, self.special,
+                                 gen_audio_weight=0.0, forward_only=True)
+        for m in self.model:
+            m.train()
+        return {m: res.losses[m] for m in self.modalities}
+
+    # ------------------------------------------------------------------------------- loop
+    def train(self) -> RunSummary:
+        cfg, tr = self.cfg, self.cfg.training
+        summary = RunSummary(tensorboard=self.tensorboard_dir)
+        started = self.step
+        for m in self.model:
+            m.train()
+        while self.step < tr.train_iters:
+            t0 = time.perf_counter()
+            groups = {m: [to_model_batch(self.data.next(m))
+                          for _ in range(tr.num_micro_batches)] for m in self.modalities}
+            weights = self.current_weights()
+            for m in self.model:
+                m.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            res: StepResult = run_group_step(self.model, groups, weights, self.special,
+                                             cfg.stage.gen_audio_loss_weight)
+            grad_norm = None
+            if not res.finite:
+                self.nan_steps += 1
+                self.nan_in_row += 1
+                if _is_logging_rank():
+                    self.printer(f" step {self.step + 1}: NaN/Inf loss {res.losses}; update "
+                                 f"skipped ({self.nan_in_row} in a row)")
+                if self.nan_in_row >= tr.max_nan_steps:
+                    raise NanLossError(
+                        f"{self.nan_in_row} steps in a row had a NaN/Inf loss (last: "
+                        f"{res.losses}); lower training.lr, check the data, or raise "
+                        f"training.max_nan_steps")
+            else:
+                self.nan_in_row = 0
+                ok, grad_norm, _ = self.optimizer.step()
+                self.scheduler.step(increment=1)
+            self.step += 1
+            dt = time.perf_counter() - t0
+            losses = {k: v for k, v in res.losses.items() if res.tokens.get(k, 0) > 0}
+            if not summary.first_losses:
+                summary.first_losses = dict(losses)
+            summary.last_losses = dict(losses)
+            summary.loss_history.append(dict(losses))
+            self._append_history(losses, weights, grad_norm)
+            if self.step % tr.log_interval == 0 or self.step == tr.train_iters:
+                tokens = sum(int(b["loss_mask"].numel()) for bs in groups.values() for b in bs)
+                dp = _dp_size()
+                self.logger.log_step(StepStats(
+                    step=self.step, total_steps=tr.train_iters,
+                    lr=self.optimizer.param_groups[0]["lr"], losses=losses, weights=weights,
+                    grad_norm=grad_norm, tokens=tokens * dp, step_time=dt,
+                    flops=self._step_flops(groups) if self.step % tr.log_interval == 0 else 0.0,
+                    num_devices=self.num_devices,
+                    skipped_samples=getattr(self.data, "skipped_total", 0),
+                    nan_steps=self.nan_steps))
+            if self.balancer is not None and self.step % cfg.stage.balance_interval == 0:
+                val = self.validation_segment()
+                self.balancer.update(val)
+                self.logger.log_validation(self.step, val)
+            if tr.save_interval and self.step % tr.save_interval == 0:
+                summary.checkpoint = str(self.save())
+            if ckpt.should_save_and_exit():
+                summary.checkpoint = str(self.save())
+                summary.stopped_by_signal = True
+                break
+            if tr.exit_interval and self.step - started >= tr.exit_interval:
+                break
+        if tr.save and (summary.checkpoint is None or not summary.checkpoint.endswith(
+                ckpt.step_dir_name(self.step))):
+            summary.checkpoint = str(self.save())
+        summary.weights = self.current_weights()
+        summary.steps_done = self.step - started
+        summary.last_step = self.step
+        summary.nan_steps = self.nan_steps
+        self.logger.close()
+        if tr.save and _is_logging_rank():
+            self._write_summary(summary, started)
+        return summary
+
+    def _append_history(self, losses, weights, grad_norm) -> None:
+        """One JSON line per step in ``<save>/losses.jsonl`` (logging rank): the exact floats,
+        for plots and for comparing a resumed run with an uninterrupted one."""
+        if not (self.cfg.training.save and _is_logging_rank()):
+            return
+        import json
+
+        path = Path(self.cfg.training.save)
+        path.mkdir(parents=True, exist_ok=True)
+        with open(path / "losses.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, "losses": losses, "weights": weights,
+                                "lr": self.optimizer.param_groups[0]["lr"],
+                                "grad_norm": grad_norm}) + "\n")
+
+    def _write_summary(self, summary: RunSummary, started: int, window: int = 5) -> None:
+        """``<save>/summary.json``: per-modality loss at the start and end of the stage (means
+        over ``window`` steps; a resumed stage keeps the start of its first run)."""
+        import json
+
+        path = Path(self.cfg.training.save) / "summary.json"
+        prev = json.loads(path.read_text()) if path.exists() else None
+        hist = summary.loss_history
+
+        def mean_over(rows):
+            keys = sorted({k for r in rows for k in r})
+            return {k: sum(r[k] for r in rows if k in r) / max(1, sum(k in r for r in rows))
+                    for k in keys}
+
+        start = mean_over(hist[:window]) if hist else {}
+        if prev is not None and started > 0:
+            start = prev.get("start_losses", start)
+        end = mean_over(hist[-window:]) if hist else (prev or {}).get("end_losses", {})
+        data = {"stage": self.cfg.stage.name, "first_step": started if prev is None or
+                started == 0 else prev.get("first_step", 0), "last_step": summary.last_step,
+                "start_losses": start, "end_losses": end, "weights": summary.weights,
+                "trained_here": bool(hist), "nan_steps": summary.nan_steps,
+                "checkpoint": summary.checkpoint, "tensorboard": summary.tensorboard}
+        path.write_text(json.dumps(data, indent=1))
+
+    # ------------------------------------------------------------------------------- calibration
+    def calibrate_step_balance(self, out_path: str) -> dict[str, float]:
+        """Train each modality ALONE from the same starting weights until its loss plateaus
+        (``PlateauDetector``: means of the last two ``stage.plateau_window``-step windows within
+        ``stage.plateau_rel_tol``, or ``stage.calibration_max_steps``), record L_i*, write
+        w_i = alpha (1/L_i*) / sum_j (1/L_j*) to ``out_path``. Model and optimizer are reset
+        between modalities; nothing is checkpointed."""
+        from .balance import step_balance_weights, write_step_balance_file
+
+        st = self.cfg.stage
+        start_model = [{k: v.detach().clone() for k, v in c.state_dict().items()
+                        if isinstance(v, torch.Tensor)} for c in self.chunks]
+        start_opt = self.optimizer.state_dict()
+        converged, steps = {}, {}
+        for modality in self.modalities:
+            for c, sd in zip(self.chunks, start_model):
+                c.load_state_dict(sd, strict=False)
+            self.optimizer.load_state_dict(start_opt)
+            if hasattr(self.optimizer, "reload_model_params"):
+                self.optimizer.reload_model_params()
+            det = PlateauDetector(window=st.plateau_window, rel_tol=st.plateau_rel_tol)
+            n, history = 0, []
+            while n < st.calibration_max_steps and not det.converged:
+                groups = {modality: [to_model_batch(self.data.next(modality))
+                                     for _ in range(self.cfg.training.num_micro_batches)]}
+                for m in self.model:
+                    m.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                res = run_group_step(self.model, groups, {modality: 1.0}, self.special,
+                                     self.cfg.stage.gen_audio_loss_weight)
+                if res.finite:
+                    self.optimizer.step()
+                det.update(res.losses[modality])
+                history.append(res.losses[modality])
+                n += 1
+            window = history[-st.plateau_window:]
+            converged[modality] = det.converged_loss if det.converged else sum(window) / len(window)
+            steps[modality] = n
+            if _is_logging_rank():
+                self.printer(f" calibration {modality}: L* = {converged[modality]:.4f} after "
+                             f"{n} steps ({'plateau' if det.converged else 'max steps'})")
+        weights = step_balance_weights(converged, alpha=st.balance_alpha)
+        if _rank() == 0:
+            write_step_balance_file(out_path, weights, converged,
+                                    meta={"steps": steps, "rule": {
+                                        "window": st.plateau_window,
+                                        "rel_tol": st.plateau_rel_tol,
+                                        "max_steps": st.calibration_max_steps}})
+        torch.distributed.barrier()
+        return weights
+
+
+def _dp_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_world_size()
+
+
+def _model_parallel_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_world_size() *
+            ps.get_pipeline_model_parallel_world_size() *
+            ps.get_context_parallel_world_size())

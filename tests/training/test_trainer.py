@@ -1,0 +1,117 @@
+"""The real training loop end to end on Energon shards of the synthetic omni dataset (2 gloo
+ranks): exact resume at TP=2 and PP=2 with loader and balancer state, step-balance calibration,
+stage chaining with frozen parts."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dist_utils import run_workers
+
+from megatron_omni.data.preprocess import preprocess
+from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+from make_synthetic_dataset import make_synthetic_dataset  # noqa: E402
+
+pytestmark = pytest.mark.slow
+MODALITIES = "[text,image,audio]"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from demo import _texts
+
+    base = tmp_path_factory.mktemp("trainer")
+    raw = base / "raw"
+    make_synthetic_dataset(raw, num_per_modality=12, seed=3, num_val_per_modality=4)
+    tok = train_tiny_tokenizer(_texts(raw), 400, base / "tokenizer.json")
+    tokenizer = load_tokenizer(tok, speech_codebook_size=64)
+    preprocess(raw, base / "prepared", tokenizer, workers=1, progress=False)
+    return {"base": base, "prepared": base / "prepared", "tok": tok,
+            "vocab": tokenizer.vocab_size}
+
+
+def overrides(data, save, *extra):
+    return [
+        f"model.llm.vocab_size={data['vocab']}", "model.speech_codebook_size=64",
+        "model.llm.num_layers=2", "model.llm.make_vocab_size_divisible_by=64",
+        "model.vision.depth=1", "model.vision.hidden_size=32", "model.vision.num_heads=2",
+        "model.audio.hidden_size=32", "model.audio.num_heads=2",
+        "model.audio.ffn_hidden_size=64", "model.audio.num_blocks=2",
+        f"data.path={data['prepared']}", f"data.tokenizer={data['tok']}",
+        f"data.modalities={MODALITIES}", "data.seq_length=1024", "data.media_backend=cpu",
+        "data.packing_buffer_size=4", "data.shuffle_buffer_size=4", "data.pure_text_ratio=0.3",
+        "training.lr=3e-3", "training.lr_warmup_iters=2", "training.log_interval=1",
+        f"training.save={save}", *extra]
+
+
+def history(save):
+    return [json.loads(line) for line in (Path(save) / "losses.jsonl").read_text().splitlines()]
+
+
+def dynamic(steps):
+    return ["stage.balance=dynamic", "stage.balance_window=2", "stage.balance_interval=2",
+            "stage.val_micro_batches=1", "stage.balance_scale=3.0",
+            f"training.train_iters={steps}"]
+
+
+@pytest.mark.parametrize("layout", [["parallel.tensor_model_parallel_size=2"],
+                                    ["parallel.pipeline_model_parallel_size=2"]],
+                         ids=["tp2", "pp2"])
+def test_exact_resume_with_loader_and_balancer_state(data, tmp_path, layout):
+    straight = tmp_path / "straight"
+    run_workers("trainer_run.py", 2, overrides(data, straight, *layout, *dynamic(6)))
+    resumed = tmp_path / "resumed"
+    first = run_workers("trainer_run.py", 2, overrides(data, resumed, *layout, *dynamic(6),
+                                                       "training.exit_interval=3"))
+    assert first["last_step"] == 3
+    second = run_workers("trainer_run.py", 2, overrides(data, resumed, *layout, *dynamic(6)))
+    assert second["steps_done"] == 3 and second["last_step"] == 6
+    a, b = history(straight), history(resumed)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        assert ra["losses"] == rb["losses"], (ra, rb)  # bitwise: same floats
+        assert ra["weights"] == rb["weights"] and ra["lr"] == rb["lr"]
+    # The dynamic balancer really moved (so its restored state mattered).
+    assert any(w != 1.0 for w in a[-1]["weights"].values())
+
+
+def test_calibration_then_step_balanced_stage_then_frozen_stage(data, tmp_path):
+    weights_file = tmp_path / "balance.json"
+    cal = run_workers("trainer_run.py", 2, overrides(
+        data, tmp_path / "cal", "parallel.tensor_model_parallel_size=2",
+        "stage.calibration_max_steps=6", "stage.plateau_window=2", "stage.plateau_rel_tol=0.5",
+        f"--calibrate={weights_file}"))
+    saved = json.loads(weights_file.read_text())
+    assert set(saved["weights"]) == {"text", "image", "audio"}
+    assert abs(sum(saved["weights"].values()) - 10.0) < 1e-6
+    assert cal["weights"] == pytest.approx(saved["weights"])
+    # PT-3-like stage with those weights.
+    pt3 = tmp_path / "pt3"
+    res = run_workers("trainer_run.py", 2, overrides(
+        data, pt3, "parallel.tensor_model_parallel_size=2", "stage.balance=step",
+        f"stage.step_balance_file={weights_file}", "training.train_iters=4"))
+    assert res["weights"] == pytest.approx(saved["weights"])
+    assert history(pt3)[0]["weights"] == pytest.approx(saved["weights"])
+    # A next stage started from that checkpoint, at another layout (PP=2): with no steps its
+    # checkpoint equals PT-3's in every part (all weights were loaded) ...
+    nxt0 = tmp_path / "next0"
+    run_workers("trainer_run.py", 2, overrides(
+        data, nxt0, "parallel.pipeline_model_parallel_size=2", f"stage.init_from={pt3}",
+        "training.train_iters=0", "training.lr_warmup_iters=0"))
+    base = overrides(data, tmp_path / "unused")
+    out = run_workers("compare_checkpoints.py", 1, [str(pt3), str(nxt0), "--", *base])
+    assert all(out["equal"].values()) and set(out["equal"]) == {"llm", "vision", "audio",
+                                                               "projectors"}, out
+    # ... and training only the projectors keeps every frozen weight exactly.
+    nxt = tmp_path / "next"
+    run_workers("trainer_run.py", 2, overrides(
+        data, nxt, "parallel.pipeline_model_parallel_size=2", f"stage.init_from={pt3}",
+        "stage.train_llm=false", "stage.train_vision=false", "stage.train_audio=false",
+        "training.train_iters=2", "training.lr_warmup_iters=0"))
+    out = run_workers("compare_checkpoints.py", 1, [str(pt3), str(nxt), "--", *base])
+    assert out["equal"] == {"llm": True, "vision": True, "audio": True, "projectors": False}, out
