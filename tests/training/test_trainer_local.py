@@ -1,0 +1,108 @@
+"""Trainer in one process with an in-memory data source: NaN/Inf steps are skipped and counted
+and stop the run after training.max_nan_steps in a row; TensorBoard gets the documented tags."""
+
+import math
+
+import pytest
+import torch
+from omni_batch import omni_batch, tiny_omni_cfg
+
+from megatron_omni.training.trainer import NanLossError, Trainer
+
+
+class MemoryData:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.n = 0
+        self.skipped_total = 0
+
+    def next(self, modality):
+        self.n += 1
+        return omni_batch(self.cfg, seed=self.n % 3, vision=False, audio=modality == "audio")
+
+    def val_batches(self, modality, n):
+        return [omni_batch(self.cfg, seed=100 + i, vision=False, audio=modality == "audio")
+                for i in range(n)]
+
+    def save_state(self):
+        return {"n": self.n}
+
+    def restore_state(self, state):
+        self.n = state["n"]
+
+
+def make_trainer(tmp_path, *extra):
+    cfg = tiny_omni_cfg("data.modalities=[text,audio]", "training.log_interval=1",
+                        "training.lr=1e-3", f"training.tensorboard_dir={tmp_path / 'tb'}",
+                        *extra, vision=False)
+    lines = []
+    t = Trainer(cfg, data=MemoryData(cfg), printer=lines.append)
+    t.setup()
+    return t, lines
+
+
+def poison(trainer, steps):
+    """Make the embedding output NaN on the given (1-based) optimizer steps."""
+    emb = trainer.chunks[0].llm.embedding
+
+    def hook(module, inputs, output):
+        return output * float("nan") if trainer.step + 1 in steps else output
+
+    return emb.register_forward_hook(hook)
+
+
+def test_nan_steps_are_skipped_then_stop(single_rank, tmp_path):
+    t, lines = make_trainer(tmp_path, "training.train_iters=6", "training.max_nan_steps=2")
+    poison(t, {2, 4, 5})
+    params = {}
+
+    def snapshot():
+        return {n: p.detach().clone() for n, p in t.chunks[0].named_parameters()}
+
+    with pytest.raises(NanLossError, match="2 steps in a row had a NaN/Inf loss"):
+        orig_step = t.optimizer.step
+
+        def step_and_record():
+            out = orig_step()
+            params[t.step + 1] = snapshot()
+            return out
+
+        t.optimizer.step = step_and_record
+        t.train()
+    assert t.nan_steps == 3
+    # Optimizer stepped at steps 1 and 3 only; step 2 (NaN) left the weights alone.
+    assert sorted(params) == [1, 3]
+    assert any("NaN/Inf loss" in line and "update skipped" in line for line in lines)
+
+
+def test_tensorboard_tags_and_log_line(single_rank, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    t, lines = make_trainer(tmp_path, "training.train_iters=5", "stage.balance=dynamic",
+                            "stage.balance_window=3", "stage.balance_scale=5.0", "stage.balance_interval=1",
+                            "stage.val_micro_batches=1")
+    summary = t.train()
+    assert summary.steps_done == 5 and math.isfinite(summary.last_losses["text"])
+    ea = EventAccumulator(str(tmp_path / "tb"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    expected = {"loss/text", "loss/audio", "loss/gen_audio", "balance/weight/text",
+                "balance/weight/audio", "val/loss/text", "val/loss/audio", "lr", "grad_norm",
+                "throughput/tokens_per_sec", "throughput/tflops_per_device", "data/skipped"}
+    assert expected <= tags, expected - tags
+    assert len(ea.Scalars("loss/text")) == 5
+    step_lines = [line for line in lines if line.strip().startswith("step")]
+    assert len(step_lines) == 5
+    for key in ("lr", "loss ", "text ", "gen_audio", "weights text", "grad norm", "skipped samples",
+                "tokens/s", "TFLOP/s/dev", "step time", "ETA"):
+        assert key in step_lines[-1], key
+    # The trainer's weights are exactly what the balancer makes of the logged validation losses.
+    from megatron_omni.training.balance import DynamicBalancer
+
+    ref = DynamicBalancer(["text", "audio"], window=3, scale=5.0)
+    val = {m: [e.value for e in ea.Scalars(f"val/loss/{m}")] for m in ("text", "audio")}
+    assert len(val["text"]) == 5
+    for i in range(5):
+        ref.update({m: val[m][i] for m in val})
+    assert summary.weights == pytest.approx(ref.weights, rel=1e-5)
+    assert t.balancer.num_segments == 5
