@@ -333,9 +333,10 @@ class Trainer:
                 break
             if tr.exit_interval and self.step - started >= tr.exit_interval:
                 break
-        if tr.save and (summary.checkpoint is None or not summary.checkpoint.endswith(
-                ckpt.step_dir_name(self.step))):
-            summary.checkpoint = str(self.save())
+        if tr.save:
+            final = Path(tr.save) / ckpt.step_dir_name(self.step)
+            # A stage resumed at its end (a rerun) already has this checkpoint: keep it.
+            summary.checkpoint = str(final) if final.exists() else str(self.save())
         summary.weights = self.current_weights()
         summary.steps_done = self.step - started
         summary.last_step = self.step
@@ -388,7 +389,8 @@ class Trainer:
     def calibrate_step_balance(self, out_path: str) -> dict[str, float]:
         """Train each modality ALONE from the same starting weights until its loss plateaus
         (``PlateauDetector``: means of the last two ``stage.plateau_window``-step windows within
-        ``stage.plateau_rel_tol``, or ``stage.calibration_max_steps``), record L_i*, write
+        ``stage.plateau_rel_tol``, or ``stage.calibration_max_steps``) at the constant peak
+        ``training.lr``, record L_i* (mean of the final window), write
         w_i = alpha (1/L_i*) / sum_j (1/L_j*) to ``out_path``. Model and optimizer are reset
         between modalities; nothing is checkpointed."""
         from .balance import step_balance_weights, write_step_balance_file
@@ -398,6 +400,10 @@ class Trainer:
                         if isinstance(v, torch.Tensor)} for c in self.chunks]
         start_opt = self.optimizer.state_dict()
         converged, steps = {}, {}
+        # Constant peak learning rate: the calibration measures where each modality converges,
+        # not the warm-up/decay schedule of the stage (which is not stepped here).
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.training.lr
         for modality in self.modalities:
             for c, sd in zip(self.chunks, start_model):
                 c.load_state_dict(sd, strict=False)
