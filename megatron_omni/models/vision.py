@@ -391,17 +391,6 @@ def vision_flops(grid_thw, cfg: Union[VisionConfig, OmniConfig],
     out_hidden = out_hidden or cfg.merger_hidden_size
     if out_hidden is None:
         raise ValueError("vision_flops needs out_hidden (or model.vision.merger_hidden_size)")
-    w = cfg.hidden_size
-    f = vision_ffn_hidden_size(cfg)
-    patch = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size * cfg.patch_size
-    grid = _grid_list(grid_thw)
-    n = sum(t * h * w_ for t, h, w_ in grid)
-    attn_sq = sum(t * (h * w_) ** 2 for t, h, w_ in grid)  # sum over segments of L^2
-    per_layer = (2 * n * w * 3 * w      # linear_qkv
-                 + 2 * attn_sq * w * 2  # Q K^T and P V, all heads together
-                 + 2 * n * w * w        # linear_proj
-                 + 2 * n * w * f * 2)   # linear_fc1 + linear_fc2
-    g = cfg.spatial_merge_size ** 2
-    merged = n // g
-    merger = 2 * merged * (g * w) * (g * w) + 2 * merged * (g * w) * out_hidden
-    return 2 * n * patch * w + cfg.depth * per_layer + merger
+    from ..training.flops import vit_forward_flops  # the one FLOP formula of the ViT
+
+    return int(round(vit_forward_flops(cfg, _grid_list(grid_thw), out_hidden).total))
