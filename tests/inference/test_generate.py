@@ -1,0 +1,216 @@
+"""Generation from a checkpoint (KV cache vs full recompute vs full forward, TP=1 and TP=2,
+sampling), answer parsing, the CLI and the held-out evaluation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dist_utils import run_workers
+
+from megatron_omni.inference import generate as G
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "workers"))
+sys.path.insert(0, str(REPO / "tools"))
+import generate_check as W  # noqa: E402
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("omni_generate_cli",
+                                                  REPO / "tools" / "generate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def check_generation_results(r: dict) -> None:
+    # The prompt: chat template with one image block (56x84 px -> grid 1x4x6 -> 6 tokens) and
+    # one 256-token audio block, ending with the assistant header; the image block shifts the
+    # M-RoPE positions (6 tokens span max(1, 2, 3) = 3 positions).
+    assert r["image_patches"] == 6 and r["grid"] == [[1, 4, 6]]
+    assert r["audio_patches"] == 256 and r["ends_with_header"]
+    assert r["next_position"] == r["prompt_len"] - 3
+    # Greedy: the KV-cache generator, the full-recompute generator and the argmax of one full
+    # forward over prompt + generated tokens agree at every step.
+    assert len(r["cached"]) == W.MAX_NEW and r["stop"] == "max_new_tokens"
+    assert r["cached"] == r["uncached"] == r["full_argmax"]
+    assert r["cached_vs_full"] < 1e-4 and r["uncached_vs_full"] < 1e-4
+    assert r["min_margin"] > 10 * max(r["cached_vs_full"], r["uncached_vs_full"])
+    assert r["suppressed_ok"]
+    # Stopping at a stop token (the stop token is part of the output).
+    st = r["stop_test"]
+    assert st["tokens"] == [st["first"]] and st["reason"] == "eot"
+    # Sampling: seeded and reproducible, seed-dependent, cache-independent; top-k=1 and a tiny
+    # top-p are greedy.
+    assert r["sample_a"] == r["sample_b"] == r["sample_uncached"]
+    assert r["sample_a"] != r["sample_c"]
+    assert r["sample_a"] != r["cached"]
+    assert r["topk1"] == r["cached"] and r["topp_small"] == r["cached"]
+    assert r.get("ranks_agree", True)
+
+
+def test_greedy_cache_equals_full_forward_tp1(tmp_path, single_rank):
+    r = W.generation_checks(tmp_path, "tp1")
+    assert r["world"] == 1
+    check_generation_results(r)
+
+
+@pytest.mark.slow
+def test_greedy_cache_equals_full_forward_tp2_from_pp2_checkpoint(tmp_path):
+    # Saved at TP=1 x PP=2, generated at TP=2 x PP=1 (resharded on load), and again at TP=1.
+    r = run_workers("generate_check.py", 2, [str(tmp_path), "pp2"], timeout=300)
+    assert r["world"] == 2 and r["ranks_agree"]
+    check_generation_results(r)
+    assert r["tp1_tokens"] == r["cached"]
+
+
+def test_sample_token_rules():
+    logits = torch.tensor([0.0, 3.0, 2.9, float("-inf"), 1.0])
+    greedy = G.SamplingParams()
+    assert G.sample_token(logits, greedy) == 1
+    draws = {G.sample_token(logits, G.SamplingParams(temperature=5.0, top_k=2),
+                            torch.Generator().manual_seed(s)) for s in range(40)}
+    assert draws == {1, 2}  # only the two best, never the masked id
+    draws = {G.sample_token(logits, G.SamplingParams(temperature=5.0),
+                            torch.Generator().manual_seed(s)) for s in range(60)}
+    assert 3 not in draws and len(draws) >= 3
+    # top-p: mass of token 1 alone is < 0.6, tokens 1 + 2 reach it.
+    draws = {G.sample_token(logits, G.SamplingParams(temperature=1.0, top_p=0.6),
+                            torch.Generator().manual_seed(s)) for s in range(40)}
+    assert draws == {1, 2}
+    with pytest.raises(ValueError):
+        G.SamplingParams(top_p=0.0)
+
+
+def test_parse_answer_splits_text_captions_and_speech(tmp_path):
+    _, tok = W.make_tokenizer(tmp_path)
+    sp = tok.special
+    ids = (tok.encode("Here:") + [sp.gen_image_start] + tok.encode("a red circle")
+           + [sp.gen_image_end] + tok.encode(" and") + [sp.gen_audio_start]
+           + [sp.speech_offset + c for c in (3, 0, 31)] + [sp.gen_audio_end]
+           + [sp.gen_audio_start, sp.speech_offset + 7])
+    a = G.parse_answer(ids, tok)
+    assert a.gen_image_captions == ["a red circle"]
+    assert a.speech_codes == [[3, 0, 31], [7]] and a.unclosed == ["gen_audio"]
+    assert a.text == "Here:<gen_image>a red circle</gen_image> and"
+    out = G.GenerationOutput(ids + [tok.eot_id], "eot")
+    assert out.answer_ids == ids
+
+
+def test_cli_help():
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "generate.py"), "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    for flag in ("--checkpoint", "--image", "--audio", "--video", "--temperature", "--top-k",
+                 "--top-p", "--seed", "--no-cache", "--eval", "pipeline"):
+        assert flag in p.stdout
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, single_rank):
+    """A tiny prepared dataset (text, image, audio; 3 held-out samples each) and a random
+    checkpoint whose saved config points at it."""
+    from demo import _texts
+    from make_synthetic_dataset import make_synthetic_dataset
+
+    from megatron_omni.data.preprocess import discover_inputs, preprocess
+    from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
+
+    base = tmp_path_factory.mktemp("gen_eval")
+    raw = base / "raw"
+    make_synthetic_dataset(raw, num_per_modality=1, seed=3, num_val_per_modality=3)
+    tok_path = train_tiny_tokenizer(_texts(raw), 300, base / "tokenizer.json")
+    tok = load_tokenizer(tok_path, speech_codebook_size=64)
+    preprocess(discover_inputs(raw, ["text", "image", "audio"]), base / "prepared", tok,
+               media_root=raw, workers=1, progress=False)
+    W.reinit(1, 1)
+    ckpt = base / "ckpt"
+    W.save_random_checkpoint(ckpt, W.overrides(
+        tok_path, tok.vocab_size, 1, 1, f"data.path={base / 'prepared'}",
+        "data.seq_length=1024", "data.media_backend=cpu", "data.packing_buffer_size=4",
+        codebook=64))
+    answers = {}
+    for m in ("text", "image", "audio"):
+        for line in (raw / f"{m}_val.jsonl").read_text().splitlines():
+            o = json.loads(line)
+            if "messages" in o:
+                answers.setdefault(m, []).append(o["messages"][-1]["content"].strip())
+    return {"base": base, "raw": raw, "ckpt": ckpt, "tok": tok, "answers": answers}
+
+
+def test_cli_eval_prints_per_modality_loss_and_accuracy(prepared, capsys):
+    out = _cli().main(["--checkpoint", str(prepared["ckpt"]), "--eval", "--max-new-tokens", "8"])
+    text = capsys.readouterr().out
+    ev = out["eval"]
+    assert set(ev) == {"text", "image", "audio"}
+    for m, r in ev.items():
+        assert r["samples"] == 3 and r["loss_tokens"] > 0
+        assert 0.0 < r["loss"] < 20.0  # random model: about ln(vocab) ~ 6.2
+        assert any(line.startswith(m) and f"{r['loss']:.4f}" in line for line in text.splitlines())
+    # Text val lines are pure text: loss only. Image/audio val lines are chat: answered.
+    assert ev["text"]["answered"] == 0 and ev["text"]["accuracy"] is None
+    for m in ("image", "audio"):
+        assert ev[m]["answered"] == 3 and ev[m]["accuracy"] is not None
+        # References are the held-out answers of the raw JSONL.
+        assert {ex["reference"] for ex in ev[m]["examples"]} <= set(prepared["answers"][m])
+    assert "exact match" in text and "accuracy" in text
+
+
+def test_eval_exact_match_counts_oracle_answers(prepared, monkeypatch):
+    """With a stand-in generator that returns the reference (or the reference minus its last
+    token), exact-match accuracy is 1 (or 0): the matcher compares what it should."""
+    import dataclasses
+
+    from megatron_omni.data.tokenizer import load_tokenizer
+
+    cfg = G.generation_config(prepared["ckpt"], 1)
+    model = G.load_generation_model(prepared["ckpt"], cfg)
+    tok = load_tokenizer(cfg.data.tokenizer, speech_codebook_size=64)
+    last = {}
+    split = G._answer_split
+
+    def recording_split(ids, loss, header):
+        last["r"] = split(ids, loss, header)
+        return last["r"]
+
+    for cut, want in ((0, 1.0), (2, 0.0)):
+        def oracle(self, prompt, params=G.SamplingParams(), keep_logits=False):
+            plen, ref = last["r"]
+            assert len(prompt) == plen and params.greedy
+            ids = ref[:len(ref) - cut] if cut else ref
+            return G.GenerationOutput(list(ids), "eot" if not cut else "max_new_tokens", plen)
+
+        monkeypatch.setattr(G, "_answer_split", recording_split)
+        monkeypatch.setattr(G.OmniGenerator, "generate", oracle)
+        res = G.evaluate(model, tok, dataclasses.replace(cfg.data, media_backend="cpu"),
+                         modalities=["image", "audio"])
+        for m in ("image", "audio"):
+            assert res[m].answered == 3 and res[m].accuracy == want, res[m]
+
+
+def test_cli_generates_with_image_and_audio(prepared, tmp_path, capsys):
+    raw = prepared["raw"]
+    img = next(p for p in sorted((raw / "images").iterdir()) if p.suffix == ".png")
+    wav = sorted((raw / "audios").glob("*.wav"))[0]
+    out_json = tmp_path / "out.json"
+    out = _cli().main(["--checkpoint", str(prepared["ckpt"]), "--prompt", "What is this?",
+                       "--image", str(img), "--audio", str(wav), "--max-new-tokens", "6",
+                       "--json", str(out_json)])
+    text = capsys.readouterr().out
+    assert json.loads(out_json.read_text()) == out
+    assert len(out["token_ids"]) == 6 and out["stop_reason"] == "max_new_tokens"
+    assert "answer (6 tokens, stop: max_new_tokens)" in text
+    # Sampling through the CLI is reproducible.
+    again = [_cli().main(["--checkpoint", str(prepared["ckpt"]), "--prompt", "Hi",
+                          "--max-new-tokens", "6", "--temperature", "1.3", "--seed", "3"])
+             for _ in range(2)]
+    assert again[0]["token_ids"] == again[1]["token_ids"]
