@@ -10,12 +10,14 @@
 4. IT-3-like stage from the PT-3 checkpoint with dynamic adaptive balance;
 5. prints a summary: per-modality loss at the start and end of each stage, the balance weights,
    where the checkpoints and TensorBoard logs are. Exits non-zero if a modality's loss did not
-   fall.
+   fall;
+6. scores the held-out split with ``tools/generate.py --eval`` (loss and greedy answers per
+   modality) to show what the tiny model learned.
 
 Running it again reuses the data and resumes each stage from its newest checkpoint (a finished
 stage is reported, not retrained); ``--fresh`` deletes earlier runs first.
 
-    python tools/demo.py [--out demo_out] [--fresh] [--pt3-steps 60] [--it3-steps 50]
+    python tools/demo.py [--out demo_out] [--fresh] [--pt3-steps 100] [--it3-steps 80]
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
     p.add_argument("--samples", type=int, default=48, help="synthetic samples per modality")
-    p.add_argument("--pt3-steps", type=int, default=60, help="PT-3 optimizer steps")
-    p.add_argument("--it3-steps", type=int, default=50, help="IT-3 optimizer steps")
+    p.add_argument("--pt3-steps", type=int, default=100, help="PT-3 optimizer steps")
+    p.add_argument("--it3-steps", type=int, default=80, help="IT-3 optimizer steps")
     return p.parse_args(argv)
 
 
@@ -145,7 +147,13 @@ def main(argv=None) -> int:
     say("IT-3 omni instruction stage with dynamic adaptive balance (from the PT-3 checkpoint)")
     if launch(args, stages / "it3.yaml", it3):
         return 1
-    return summarize(runs, time.time() - t0)
+    rc = summarize(runs, time.time() - t0)
+    say("what the tiny model learned: held-out split, teacher-forced loss and greedy answers")
+    subprocess.call([sys.executable, str(REPO / "tools" / "generate.py"), "--checkpoint",
+                     str(runs / "it3"), "--eval", "--eval-samples", "4"], cwd=REPO,
+                    env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+                             TQDM_DISABLE="1"))
+    return rc
 
 
 def summarize(runs: Path, seconds: float) -> int:
