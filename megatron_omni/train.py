@@ -48,6 +48,10 @@ def main(argv=None) -> int:
 
     import_megatron_fast()
     from .training import checkpoint as ckpt
+
+    # Before the (long) build and checkpoint load, so a preemption signal then is not fatal:
+    # the first step boundary saves and exits with REQUEUE_EXIT_CODE.
+    ckpt.install_signal_handlers()
     from .training.trainer import Trainer
 
     trainer = Trainer(cfg)

@@ -211,6 +211,10 @@ class Trainer:
             if _is_logging_rank():
                 self.printer(f" resumed from {extra[ckpt.META_KEY]['path']} at step {self.step}")
         elif cfg.stage.init_from:
+            if ckpt.find_latest(cfg.stage.init_from) is None and not (
+                    Path(cfg.stage.init_from) / ckpt.COMPLETE).exists():
+                raise ConfigError(f"stage.init_from={cfg.stage.init_from} holds no complete "
+                                  f"checkpoint; run the previous stage first or fix the path")
             allow = cfg.stage.init_allow_missing or False
             ckpt.load_checkpoint(cfg.stage.init_from, self.model, self.optimizer, None,
                                  weights_only=True, allow_missing=allow)

@@ -106,3 +106,10 @@ def test_tensorboard_tags_and_log_line(single_rank, tmp_path):
         ref.update({m: val[m][i] for m in val})
     assert summary.weights == pytest.approx(ref.weights, rel=1e-5)
     assert t.balancer.num_segments == 5
+
+
+def test_missing_init_from_is_a_config_error(single_rank, tmp_path):
+    from megatron_omni.config import ConfigError
+
+    with pytest.raises(ConfigError, match="holds no complete checkpoint"):
+        make_trainer(tmp_path, "training.train_iters=1", f"stage.init_from={tmp_path / 'none'}")
