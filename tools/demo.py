@@ -55,23 +55,11 @@ def say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def _texts(raw: Path) -> list[str]:
-    out = []
-    for f in sorted(raw.glob("*.jsonl")):
-        for line in f.read_bytes().splitlines():
-            try:
-                o = json.loads(line)
-            except ValueError:
-                continue
-            out.append(o.get("text") or "")
-            out += [m.get("content", "") for m in o.get("messages") or [] if isinstance(m, dict)
-                    and isinstance(m.get("content"), str)]
-    return out
 
 
 def prepare_data(out: Path, samples: int) -> tuple[Path, Path]:
     """Synthetic raw data -> tokenizer -> Energon shards (skipped when already complete)."""
-    from make_synthetic_dataset import make_synthetic_dataset
+    from make_synthetic_dataset import corpus_texts, make_synthetic_dataset
 
     from megatron_omni.data.preprocess import preprocess
     from megatron_omni.data.tokenizer import train_tiny_tokenizer
@@ -85,7 +73,7 @@ def prepare_data(out: Path, samples: int) -> tuple[Path, Path]:
     t = time.time()
     make_synthetic_dataset(raw, num_per_modality=samples, seed=0, broken=True,
                            num_val_per_modality=8)
-    train_tiny_tokenizer(_texts(raw), 400, tok)
+    train_tiny_tokenizer(corpus_texts(raw), 400, tok)
     say(f"synthetic dataset + tokenizer in {time.time() - t:.1f}s -> {raw}")
     t = time.time()
     from megatron_omni.data.tokenizer import load_tokenizer
@@ -174,7 +162,7 @@ def summarize(runs: Path, seconds: float) -> int:
             fell = b < a
             ok &= fell or not s["trained_here"]
             say(f"   {m:<12} loss {a:7.4f} -> {b:7.4f}  {'fell' if fell else 'DID NOT FALL'}")
-        say(f"   balance weights: " + ", ".join(f"{k} {v:.3f}" for k, v in s["weights"].items()))
+        say("   balance weights: " + ", ".join(f"{k} {v:.3f}" for k, v in s["weights"].items()))
     if not ok:
         say("a modality's loss did not fall")
         return 1

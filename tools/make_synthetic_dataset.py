@@ -485,6 +485,22 @@ def make_synthetic_dataset(
     return manifest
 
 
+
+def corpus_texts(out_dir: str | Path) -> list[str]:
+    """Every text of a written dataset (pure-text lines and message contents, broken lines
+    skipped): what a tokenizer for it is trained on."""
+    out = []
+    for f in sorted(Path(out_dir).glob("*.jsonl")):
+        for line in f.read_bytes().splitlines():
+            try:
+                o = json.loads(line)
+            except ValueError:
+                continue
+            out.append(o.get("text") or "")
+            out += [m.get("content", "") for m in o.get("messages") or []
+                    if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return out
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="make_synthetic_dataset.py",

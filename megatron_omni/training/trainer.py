@@ -13,8 +13,6 @@ and ``val_batches(modality, n) -> list[batch]`` works; :class:`EnergonData` adap
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ from ..config.validate import validate
 from . import checkpoint as ckpt
 from .balance import DynamicBalancer, PlateauDetector, read_step_balance_file
 from .logging import StepStats, TrainLogger
-from .step import GEN_AUDIO, StepResult, run_group_step
+from .step import StepResult, run_group_step
 
 log = logging.getLogger(__name__)
 

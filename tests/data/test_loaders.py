@@ -26,24 +26,13 @@ from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
-from make_synthetic_dataset import make_synthetic_dataset  # noqa: E402
+from make_synthetic_dataset import corpus_texts, make_synthetic_dataset  # noqa: E402
 
 SEQ = 1024
 MAX_IMAGES = 3
 MAX_PATCHES = 2600
 
 
-def _texts(raw: Path) -> list[str]:
-    out = []
-    for f in sorted(raw.glob("*.jsonl")):
-        for line in f.read_bytes().splitlines():
-            try:
-                o = json.loads(line)
-            except ValueError:
-                continue
-            out.append(o.get("text") or "")
-            out += [m.get("content", "") for m in o.get("messages") or [] if isinstance(m, dict)]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +41,7 @@ def data(tmp_path_factory):
     raw = base / "raw"
     manifest = make_synthetic_dataset(raw, num_per_modality=8, seed=5, broken=True,
                                       num_val_per_modality=3)
-    tok_path = train_tiny_tokenizer(_texts(raw), 400, base / "tokenizer.json")
+    tok_path = train_tiny_tokenizer(corpus_texts(raw), 400, base / "tokenizer.json")
     # Header probes only: the truncated JPEG gets into the shards and must be caught (skipped and
     # counted) at decode time by the loader.
     report = preprocess(raw, base / "out", tok_path, config=PreprocessConfig(verify_images=False),

@@ -32,21 +32,10 @@ from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
-from make_synthetic_dataset import MODALITIES, make_synthetic_dataset  # noqa: E402
+from make_synthetic_dataset import MODALITIES, corpus_texts, make_synthetic_dataset  # noqa: E402
 import preprocess_data  # noqa: E402
 
 
-def _texts(raw: Path) -> list[str]:
-    out = []
-    for f in sorted(raw.glob("*.jsonl")):
-        for line in f.read_bytes().splitlines():
-            try:
-                o = json.loads(line)
-            except ValueError:
-                continue
-            out.append(o.get("text") or "")
-            out += [m.get("content", "") for m in o.get("messages") or [] if isinstance(m, dict)]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +44,7 @@ def prepared(tmp_path_factory):
     raw = base / "raw"
     manifest = make_synthetic_dataset(raw, num_per_modality=4, seed=3, broken=True,
                                       num_val_per_modality=2)
-    tok_path = train_tiny_tokenizer(_texts(raw), 400, base / "tok" / "tokenizer.json")
+    tok_path = train_tiny_tokenizer(corpus_texts(raw), 400, base / "tok" / "tokenizer.json")
     report = preprocess(raw, base / "out", tok_path, workers=2, progress=False)
     return {"raw": raw, "out": base / "out", "manifest": manifest, "report": report,
             "tok_path": tok_path, "base": base}

@@ -119,7 +119,7 @@ def test_cli_help():
 def prepared(tmp_path_factory, single_rank):
     """A tiny prepared dataset (text, image, audio; 3 held-out samples each) and a random
     checkpoint whose saved config points at it."""
-    from demo import _texts
+    from make_synthetic_dataset import corpus_texts
     from make_synthetic_dataset import make_synthetic_dataset
 
     from megatron_omni.data.preprocess import discover_inputs, preprocess
@@ -128,7 +128,7 @@ def prepared(tmp_path_factory, single_rank):
     base = tmp_path_factory.mktemp("gen_eval")
     raw = base / "raw"
     make_synthetic_dataset(raw, num_per_modality=1, seed=3, num_val_per_modality=3)
-    tok_path = train_tiny_tokenizer(_texts(raw), 300, base / "tokenizer.json")
+    tok_path = train_tiny_tokenizer(corpus_texts(raw), 300, base / "tokenizer.json")
     tok = load_tokenizer(tok_path, speech_codebook_size=64)
     preprocess(discover_inputs(raw, ["text", "image", "audio"]), base / "prepared", tok,
                media_root=raw, workers=1, progress=False)

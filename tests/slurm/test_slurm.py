@@ -338,7 +338,7 @@ def prepared(tmp_path_factory):
     """A synthetic corpus preprocessed by slurm/preprocess_array.sbatch as 2 array tasks (one
     folder part, one MODALITY=FILE part), then merged; records every step's outcome."""
     sys.path.insert(0, str(REPO / "tools"))
-    from demo import _texts
+    from make_synthetic_dataset import corpus_texts
     from make_synthetic_dataset import MODALITIES, make_synthetic_dataset
 
     from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
@@ -346,7 +346,7 @@ def prepared(tmp_path_factory):
     base = tmp_path_factory.mktemp("slurm")
     raw = base / "raw"
     make_synthetic_dataset(raw, num_per_modality=12, seed=3, num_val_per_modality=4)
-    tok = train_tiny_tokenizer(_texts(raw), 400, base / "tokenizer.json")
+    tok = train_tiny_tokenizer(corpus_texts(raw), 400, base / "tokenizer.json")
     vocab = load_tokenizer(tok, speech_codebook_size=64).vocab_size
     # Part 0: a folder in preprocess_data.py's layout (first half + the val files); part 1: the
     # second halves as MODALITY=FILE pairs with other file names.

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from dist_utils import run_workers
 
 from megatron_omni.data.preprocess import preprocess
@@ -23,12 +22,12 @@ MODALITIES = "[text,image,audio]"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from demo import _texts
+    from make_synthetic_dataset import corpus_texts
 
     base = tmp_path_factory.mktemp("trainer")
     raw = base / "raw"
     make_synthetic_dataset(raw, num_per_modality=12, seed=3, num_val_per_modality=4)
-    tok = train_tiny_tokenizer(_texts(raw), 400, base / "tokenizer.json")
+    tok = train_tiny_tokenizer(corpus_texts(raw), 400, base / "tokenizer.json")
     tokenizer = load_tokenizer(tok, speech_codebook_size=64)
     preprocess(raw, base / "prepared", tokenizer, workers=1, progress=False)
     return {"base": base, "prepared": base / "prepared", "tok": tok,

@@ -4,7 +4,6 @@ and stop the run after training.max_nan_steps in a row; TensorBoard gets the doc
 import math
 
 import pytest
-import torch
 from omni_batch import omni_batch, tiny_omni_cfg
 
 from megatron_omni.training.trainer import NanLossError, Trainer
