@@ -195,6 +195,10 @@ class AudioConfig:
     tokens_per_clip: int = 256
     """Every clip is truncated/padded to exactly this many LLM tokens."""
 
+    cmvn_file: Optional[str] = None
+    """FunASR ``am.mvn`` with the global CMVN statistics of the pretrained encoder; None = no
+    normalisation (training from scratch)."""
+
     def __post_init__(self):
         _check(
             self.hidden_size % self.num_heads == 0,

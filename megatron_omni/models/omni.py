@@ -107,6 +107,10 @@ class OmniModel(MegatronModule):
         # finalize_model_grads reads these to all-reduce tied embeddings across stages.
         self.share_embeddings_and_output_weights = self.llm.share_embeddings_and_output_weights
         self.add_encoders = self.pre_process
+        if cmvn is None and cfg.model.audio.enabled and cfg.model.audio.cmvn_file:
+            from .audio_features import load_cmvn
+
+            cmvn = load_cmvn(cfg.model.audio.cmvn_file)
         self.cmvn = cmvn
         hidden = cfg.model.llm.hidden_size
         m = cfg.model

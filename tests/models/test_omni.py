@@ -182,3 +182,23 @@ def test_full_state_round_trip_loads_all_weights(single_rank):
             assert torch.equal(t, sb[name]), name
             checked += 1
     assert checked > 50
+
+
+def test_cmvn_file_from_config_normalises_audio_features(single_rank, tmp_path):
+    vec = " ".join(["-1.5"] * 560)
+    scale = " ".join(["0.25"] * 560)
+    path = tmp_path / "am.mvn"
+    path.write_text("<Nnet>\n<Splice> 560 560\n[ 0 ]\n"
+                    f"<AddShift> 560 560\n<LearnRateCoef> 0 [ {vec} ]\n"
+                    f"<Rescale> 560 560\n<LearnRateCoef> 0 [ {scale} ]\n</Nnet>\n")
+    cfg = tiny_omni_cfg(f"model.audio.cmvn_file={path}", vision=False)
+    torch.manual_seed(0)
+    with_cmvn = OmniModel(cfg)
+    plain = OmniModel(tiny_omni_cfg(vision=False))
+    plain.load_state_dict(with_cmvn.state_dict())
+    assert with_cmvn.cmvn is not None and plain.cmvn is None
+    assert torch.allclose(with_cmvn.cmvn.inv_stddev, torch.full((560,), 0.25))
+    waves = [torch.randn(8000) * 0.1]
+    with torch.no_grad():
+        a, b = with_cmvn.audio_features(waves), plain.audio_features(waves)
+    assert (a - b).abs().max() > 1e-3
