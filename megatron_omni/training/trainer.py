@@ -402,16 +402,17 @@ class Trainer:
                         if isinstance(v, torch.Tensor)} for c in self.chunks]
         start_opt = self.optimizer.state_dict()
         converged, steps = {}, {}
-        # Constant peak learning rate: the calibration measures where each modality converges,
-        # not the warm-up/decay schedule of the stage (which is not stepped here).
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.cfg.training.lr
         for modality in self.modalities:
             for c, sd in zip(self.chunks, start_model):
                 c.load_state_dict(sd, strict=False)
             self.optimizer.load_state_dict(start_opt)
             if hasattr(self.optimizer, "reload_model_params"):
                 self.optimizer.reload_model_params()
+            # Constant peak learning rate (after the state reload, which restores the
+            # scheduler's warm-up lr of 0): the calibration measures where each modality
+            # converges, not the stage's warm-up/decay schedule, which is not stepped here.
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.cfg.training.lr
             det = PlateauDetector(window=st.plateau_window, rel_tol=st.plateau_rel_tol)
             n, history = 0, []
             while n < st.calibration_max_steps and not det.converged:
