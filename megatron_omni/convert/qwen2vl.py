@@ -35,6 +35,7 @@ from typing import Mapping, Optional
 import torch
 
 from ..config.schema import VisionConfig
+from .keys import key_problems
 from .sharding import shard_tensor, unshard_tensor
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
 QWEN2VL_PREFIX = "visual."
 RELEASE_PREFIX = "vision_model."
 _IGNORED_HF = ("rotary_pos_emb.inv_freq",)  # non-persistent buffer some old checkpoints hold
-_MAX_LISTED = 20
 StateDict = dict[str, torch.Tensor]
 
 _LAYER_MAP = (  # (HF name inside blocks.N., our name inside transformer.layers.N.)
@@ -116,11 +116,6 @@ def expected_hf_vision_shapes(vision: VisionConfig, out_hidden: Optional[int] = 
     return shapes
 
 
-def _listing(keys) -> str:
-    keys = sorted(keys)
-    more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
-    return f"{len(keys)} key(s): {', '.join(keys[:_MAX_LISTED])}{more}"
-
 
 def _shape_ok(actual, expected) -> bool:
     return len(actual) == len(expected) and all(e is None or a == e
@@ -129,18 +124,7 @@ def _shape_ok(actual, expected) -> bool:
 
 def _check(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], where: str,
            vision: VisionConfig) -> None:
-    unknown = set(state) - set(expected)
-    missing = set(expected) - set(state)
-    wrong = {f"{k} {tuple(state[k].shape)} != {tuple(expected[k])}"
-             for k in set(state) & set(expected) if not _shape_ok(tuple(state[k].shape),
-                                                                  expected[k])}
-    problems = []
-    if unknown:
-        problems.append(f"unknown {_listing(unknown)}")
-    if missing:
-        problems.append(f"missing {_listing(missing)}")
-    if wrong:
-        problems.append(f"wrong shape in {_listing(wrong)}")
+    problems = key_problems(state, expected, _shape_ok)
     if problems:
         raise ValueError(
             f"Qwen2-VL vision state dict ({where}) does not match model.vision (depth "

@@ -23,6 +23,8 @@ import torch
 
 from megatron_omni.models.audio import SANMConfig, SANMEncoder
 
+from .keys import key_problems
+
 __all__ = [
     "FUNASR_PREFIX",
     "RELEASE_PREFIX",
@@ -36,7 +38,6 @@ __all__ = [
 
 FUNASR_PREFIX = "encoder."
 RELEASE_PREFIX = "audio_model.encoder."
-_MAX_LISTED = 20
 
 
 def expected_sanm_shapes(config: SANMConfig) -> dict[str, torch.Size]:
@@ -46,29 +47,9 @@ def expected_sanm_shapes(config: SANMConfig) -> dict[str, torch.Size]:
     return {name: tensor.shape for name, tensor in module.state_dict().items()}
 
 
-def _listing(keys) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:_MAX_LISTED])
-    more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
-    return f"{len(keys)} key(s): {shown}{more}"
-
 
 def _check(state: Mapping[str, torch.Tensor], config: SANMConfig, where: str) -> None:
-    expected = expected_sanm_shapes(config)
-    unknown = set(state) - set(expected)
-    missing = set(expected) - set(state)
-    wrong = {
-        f"{k} {tuple(state[k].shape)} != {tuple(expected[k])}"
-        for k in set(state) & set(expected)
-        if tuple(state[k].shape) != tuple(expected[k])
-    }
-    problems = []
-    if unknown:
-        problems.append(f"unknown {_listing(unknown)}")
-    if missing:
-        problems.append(f"missing {_listing(missing)}")
-    if wrong:
-        problems.append(f"wrong shape in {_listing(wrong)}")
+    problems = key_problems(state, expected_sanm_shapes(config))
     if problems:
         raise ValueError(
             f"SAN-M state dict ({where}) does not match SANMConfig(input_size={config.input_size}, "

@@ -208,7 +208,13 @@ def load_full_llm_state(chunk: OmniLLM, full: dict, strict: bool = True) -> None
     local = stage_state_dict(full, ps.get_tensor_model_parallel_rank(),
                              ps.get_tensor_model_parallel_world_size(), offset, n,
                              chunk.pre_process, chunk.post_process)
-    missing, unexpected = chunk.load_state_dict(local, strict=False)
+    load_local_state(chunk, local, strict)
+
+
+def load_local_state(module: torch.nn.Module, local: dict, strict: bool = True) -> None:
+    """``load_state_dict`` that ignores megatron-core's ``_extra_state`` entries (TE/FP8
+    metadata, absent from converted weights) and names what is missing or unexpected."""
+    missing, unexpected = module.load_state_dict(local, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if strict and (missing or unexpected):
         raise KeyError(f"state dict mismatch: missing {missing[:6]}, unexpected {unexpected[:6]}")

@@ -298,13 +298,10 @@ def load_full_omni_state(chunk: OmniModel, full: dict, strict: bool = True) -> N
     """Load this chunk's TP/PP part of a full (TP=1, PP=1) omni state dict."""
     from megatron.core import parallel_state as ps
 
-    from .llm import chunk_layer_range
+    from .llm import chunk_layer_range, load_local_state
 
     offset, n = chunk_layer_range(chunk.llm)
     local = omni_stage_state_dict(full, ps.get_tensor_model_parallel_rank(),
                                   ps.get_tensor_model_parallel_world_size(), offset, n,
                                   chunk.pre_process, chunk.post_process)
-    missing, unexpected = chunk.load_state_dict(local, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if strict and (missing or unexpected):
-        raise KeyError(f"state dict mismatch: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    load_local_state(chunk, local, strict)
