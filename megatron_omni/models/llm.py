@@ -211,10 +211,12 @@ def load_full_llm_state(chunk: OmniLLM, full: dict, strict: bool = True) -> None
     load_local_state(chunk, local, strict)
 
 
-def load_local_state(module: torch.nn.Module, local: dict, strict: bool = True) -> None:
+def load_local_state(module: torch.nn.Module, local: dict, strict: bool = True,
+                     what: str = "state dict", shown: int = 6) -> None:
     """``load_state_dict`` that ignores megatron-core's ``_extra_state`` entries (TE/FP8
     metadata, absent from converted weights) and names what is missing or unexpected."""
     missing, unexpected = module.load_state_dict(local, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if strict and (missing or unexpected):
-        raise KeyError(f"state dict mismatch: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        raise KeyError(f"{what} mismatch: missing {missing[:shown]}, unexpected "
+                       f"{unexpected[:shown]}")

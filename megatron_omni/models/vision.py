@@ -360,11 +360,9 @@ class VisionEncoder(MegatronModule):
                                         ps.get_tensor_model_parallel_world_size())
         if self.transformer_impl == "transformer_engine":
             local = to_te_layout(local)
-        missing, unexpected = self.load_state_dict(local, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if strict and (missing or unexpected):
-            raise KeyError(f"vision state dict mismatch: missing {missing[:8]}, unexpected "
-                           f"{unexpected[:8]}")
+        from .llm import load_local_state
+
+        load_local_state(self, local, strict, what="vision state dict", shown=8)
 
 
 def build_vision_encoder(cfg: OmniConfig, config: Optional[TransformerConfig] = None

@@ -35,12 +35,6 @@ TOL_NEAR_PEAK = 1e-3
 TOL_ALL = 1e-2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def knf_fbank(wave: np.ndarray) -> np.ndarray:

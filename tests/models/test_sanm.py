@@ -39,12 +39,6 @@ from megatron_omni.models.audio_features import (
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------- reference
