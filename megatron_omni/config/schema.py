@@ -400,7 +400,8 @@ class TrainingConfig:
     """Micro-batches per modality group per optimizer step (gradient accumulation)."""
 
     bf16: bool = False
-    """bf16 parameters/activations (GPU); CPU runs stay fp32."""
+    """bf16 parameters/activations (megatron-core modules, projectors, ViT; SAN-M stays fp32), on
+    the GPU and on the CPU alike, so CPU tests see what a GPU run sees."""
 
     fp8: Optional[str] = None
     """FP8 GEMMs via Transformer Engine: None, 'hybrid' or 'e4m3' (GPU only)."""
@@ -449,8 +450,10 @@ class TrainingConfig:
     """Accumulate and all-reduce gradients in fp32 (DDP buffers) even when params are bf16."""
 
     overlap_grad_reduce: bool = False
-    """Overlap the data-parallel gradient reduction with the backward pass (GPU only; always off
-    on CPU)."""
+    """Overlap the data-parallel gradient reduction with the backward pass (megatron-core DDP
+    buckets; gloo runs it asynchronously on the CPU too). Correct with modality groups whose
+    micro-batches skip an encoder: the model gives every trainable parameter a zero-weight
+    contribution in every micro-batch (``models/omni.py``)."""
 
     def __post_init__(self):
         _check(self.train_iters >= 0, "training.train_iters must be >= 0")

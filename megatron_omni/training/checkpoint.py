@@ -618,10 +618,10 @@ def _matches(key: str, prefixes: Sequence[str]) -> bool:
 
 
 def _comm_device(group=None):
-    """Where tensors for collectives must live: the current GPU with NCCL, else CPU."""
-    if torch.distributed.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where tensors for collectives must live (the one rule of ``parallel/device.py``)."""
+    from ..parallel.device import comm_device
+
+    return comm_device(group)
 
 
 def _gather_union(items: Iterable[str]) -> list[str]:

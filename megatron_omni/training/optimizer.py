@@ -32,8 +32,8 @@ def _on_gpu() -> bool:
 
 
 def _bf16(cfg: OmniConfig) -> bool:
-    """bf16 only with CUDA; CPU runs stay fp32 (``training.bf16`` is documented that way)."""
-    return bool(cfg.training.bf16 and _on_gpu())
+    """``training.bf16``: bf16 parameters with fp32 main parameters, on the GPU and the CPU."""
+    return bool(cfg.training.bf16)
 
 
 def ddp_config(cfg: OmniConfig):
@@ -41,7 +41,8 @@ def ddp_config(cfg: OmniConfig):
     from megatron.core.distributed import DistributedDataParallelConfig
 
     tr = cfg.training
-    overlap = bool(tr.overlap_grad_reduce and _on_gpu())
+    # Honoured on the CPU too (gloo's async all-reduce), so the overlap path is tested there.
+    overlap = bool(tr.overlap_grad_reduce)
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=tr.grad_reduce_in_fp32,
         overlap_grad_reduce=overlap,

@@ -60,13 +60,25 @@ def to_model_batch(b: dict) -> dict:
         out["vision_patches"] = None
     if out.get("audio_waveforms") is not None and len(out["audio_waveforms"]) == 0:
         out["audio_waveforms"] = None
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    from ..parallel.device import compute_device
+
+    device = compute_device()
     for k in ("tokens", "labels", "loss_mask", "position_ids", "vision_patches"):
         if isinstance(out.get(k), torch.Tensor):
             out[k] = out[k].to(device, non_blocking=True)
+    # THD attention (TE/cuDNN) reads the segment boundaries on the device, as int32; the longest
+    # segment is taken from the host copy (no device synchronisation per micro-batch).
+    cu = out["cu_seqlens"]
+    out["max_seqlen"] = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    out["cu_seqlens"] = cu.to(device=device, dtype=torch.int32)
     if out.get("audio_waveforms") is not None:
         out["audio_waveforms"] = [w.to(device) for w in out["audio_waveforms"]]
     return out
+
+
+HOST_SIDE_INPUTS = ("vision_grid_thw",)
+"""Batch tensors that stay on the host on purpose: the grid is read with ``.tolist()`` to size
+the ViT's segments (a device copy would only add a synchronisation)."""
 
 
 class EnergonData:
