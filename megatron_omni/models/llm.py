@@ -212,6 +212,11 @@ def load_full_llm_state(chunk: OmniLLM, full: dict, strict: bool = True) -> None
     local = stage_state_dict(full, ps.get_tensor_model_parallel_rank(),
                              ps.get_tensor_model_parallel_world_size(), offset, n,
                              chunk.pre_process, chunk.post_process)
+    if getattr(chunk, "transformer_impl", "local") == "transformer_engine":
+        from ..convert.qwen2vl import to_te_layout
+
+        # TE layers fuse the pre-attention/pre-MLP norms into linear_qkv/linear_fc1.
+        local = to_te_layout(local)
     load_local_state(chunk, local, strict)
 
 

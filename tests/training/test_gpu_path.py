@@ -218,3 +218,42 @@ def test_overlap_grad_reduce_with_groups_that_skip_an_encoder():
             for k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (name, a, b)
     assert plain[-1]["audio"] < plain[0]["audio"]
+
+
+# --- load_full_llm_state under the Transformer Engine spec ---------------------------------------
+
+def test_full_llm_state_is_renamed_for_the_te_spec(single_rank, monkeypatch):
+    """A TE-spec chunk receives TE names: the fused norms as megatron-core itself maps them (the
+    local spec's ``sharded_state_dict_keys_map``). TE cannot be built on a CPU; the real TE load
+    runs in tools/gpu_check.py (stage llm_te_vs_local)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_omni.models import llm as llm_mod
+
+    cfg = tiny_omni_cfg(vision=False, audio=False)
+    chunk = llm_mod.build_llm(cfg)
+    full = {k: v for k, v in chunk.state_dict().items() if not k.endswith("_extra_state")}
+    got = {}
+    monkeypatch.setattr(llm_mod, "load_local_state",
+                        lambda module, local, strict=True, **kw: got.update(local))
+    chunk.transformer_impl = "transformer_engine"
+    llm_mod.load_full_llm_state(chunk, full)
+    keymap = get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map
+    expect = set()
+    for k in full:
+        for src, dst in keymap.items():
+            if f".{src}" in k and ".layers." in k:
+                k = k.replace(f".{src}", f".{dst}")
+        expect.add(k)
+    assert set(got) == expect
+    assert any(k.endswith("self_attention.linear_qkv.layer_norm_weight") for k in got)
+    assert not any("input_layernorm" in k or "pre_mlp_layernorm" in k for k in got)
+
+
+def test_context_parallelism_is_refused_until_rows_are_sliced():
+    from megatron_omni.config import ConfigError
+    from megatron_omni.config.validate import validate
+
+    with pytest.raises(ConfigError, match="parallel.context_parallel_size=2 is not supported"):
+        validate(tiny_omni_cfg("parallel.context_parallel_size=2",
+                               "model.transformer_impl=transformer_engine"), world_size=2)
