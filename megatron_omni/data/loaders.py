@@ -565,6 +565,18 @@ class _Dataset:
     meta: dict
 
 
+def loader_media_backend(name: str):
+    """The media backend of the loader side (Energon workers, or the training process with
+    ``num_workers: 0``): ``data.media_backend`` with DALI restricted to its CPU operators.
+
+    Energon forks its workers after the trainer initialised CUDA, so a GPU pipeline built in a
+    worker fails ("Cannot re-initialize CUDA in forked subprocess"), and one per loader and worker
+    (9 loaders x 4 workers) would be dozens of GPU pipelines per rank. Loader-side decoding
+    therefore never touches the GPU, whatever the machine has.
+    """
+    return select_backend(name, dali_device="cpu")
+
+
 class OmniLoaders:
     """One training loader per modality of ``cfg.modalities`` (``cfg.path/<modality>``).
 
@@ -635,7 +647,7 @@ class OmniLoaders:
         if self._processor_factory is not None:
             return self._processor_factory(meta)
         tmpl = template_config_from(meta["template"])
-        return MediaProcessor(select_backend(self.cfg.media_backend),
+        return MediaProcessor(loader_media_backend(self.cfg.media_backend),
                               image=image_settings_from(meta["image"]),
                               video=video_settings_from(meta["video"]),
                               audio_tokens=tmpl.audio_tokens_per_clip)

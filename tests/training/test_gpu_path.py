@@ -257,3 +257,21 @@ def test_context_parallelism_is_refused_until_rows_are_sliced():
     with pytest.raises(ConfigError, match="parallel.context_parallel_size=2 is not supported"):
         validate(tiny_omni_cfg("parallel.context_parallel_size=2",
                                "model.transformer_impl=transformer_engine"), world_size=2)
+
+
+# --- DALI in forked loader workers ---------------------------------------------------------------
+
+def test_loader_side_media_backend_never_opens_a_gpu_pipeline(monkeypatch):
+    """On a GPU machine (CUDA reported available), the loader-side backend is still DALI on CPU
+    operators (or the CPU backend): a forked Energon worker must not initialise CUDA. The real
+    fork-after-CUDA case needs a GPU: tools/gpu_check.py, stage ``dali_decode`` (OmniLoaders
+    with workers)."""
+    pytest.importorskip("nvidia.dali")
+    from megatron_omni.data.loaders import loader_media_backend
+    from megatron_omni.data.media import backends
+
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)
+    for name in ("auto", "dali"):
+        b = loader_media_backend(name)
+        assert b.name == "dali" and b.device == "cpu" and b.device_id is None
+    assert loader_media_backend("cpu").name == "cpu"
