@@ -275,3 +275,36 @@ def test_loader_side_media_backend_never_opens_a_gpu_pipeline(monkeypatch):
         b = loader_media_backend(name)
         assert b.name == "dali" and b.device == "cpu" and b.device_id is None
     assert loader_media_backend("cpu").name == "cpu"
+
+
+# --- packed attention without Transformer Engine -------------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flex_thd_attention_equals_the_exact_per_segment_path(monkeypatch, causal):
+    """The GPU path without TE (one flex-attention call over the packed row with a segment block
+    mask) gives the per-segment SDPA results; here flex runs unfused and forward-only (torch has
+    no flex backward on the CPU). The compiled kernel and its gradients on CUDA are compared in
+    tools/gpu_check.py (stage thd_packed)."""
+    import warnings
+
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_omni.models.attention import VarlenSDPAttention, packed_seq_params
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
+                            num_query_groups=2, attention_dropout=0.0,
+                            use_cpu_initialization=True)
+    attn = VarlenSDPAttention(cfg, 1, AttnMaskType.causal if causal else AttnMaskType.no_mask)
+    g = torch.Generator().manual_seed(0)
+    t, cu = 37, torch.tensor([0, 9, 10, 30, 37], dtype=torch.int32)
+    q = torch.randn(t, 4, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(t, 2, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(t, 2, 8, generator=g, dtype=torch.float64)
+    outs = {}
+    for path in ("loop", "flex"):
+        monkeypatch.setenv("OMNI_THD_ATTENTION", path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outs[path] = attn(q, k, v, None, packed_seq_params=packed_seq_params(cu))
+    torch.testing.assert_close(outs["flex"], outs["loop"], rtol=1e-9, atol=1e-9)
