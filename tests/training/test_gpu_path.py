@@ -173,13 +173,16 @@ class _MediaData:
 
 def test_bf16_training_runs_bf16_on_cpu(single_rank, tmp_path):
     """training.bf16 on the CPU: bf16 megatron modules, ViT and projectors (SAN-M stays fp32),
-    bf16 ViT features reach the projector, and the model trains."""
+    bf16 ViT features reach the projector, the model trains, and the distributed optimizer
+    checkpoints the mixed fp32/bf16 parameters (megatron-core needs one dtype per param group;
+    ``training/optimizer.py`` splits them)."""
     from megatron_omni.training.trainer import Trainer
 
     cfg = tiny_omni_cfg("data.modalities=[audio,image]", "training.bf16=true",
+                        "training.use_distributed_optimizer=true",
                         "training.train_iters=4", "training.lr=2e-3",
                         "training.lr_warmup_iters=0", "training.log_interval=100",
-                        f"training.tensorboard_dir={tmp_path / 'tb'}")
+                        f"training.save={tmp_path / 'ckpt'}")
     t = Trainer(cfg, data=_MediaData(cfg), printer=lambda s: None)
     t.setup()
     m = t.chunks[0]
@@ -189,7 +192,7 @@ def test_bf16_training_runs_bf16_on_cpu(single_rank, tmp_path):
     assert m.linear_proj_audio[0].weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in m.audio_model.parameters())
     s = t.train()
-    assert s.steps_done == 4 and s.nan_steps == 0
+    assert s.steps_done == 4 and s.nan_steps == 0 and s.checkpoint.endswith("4")
     for k in ("image", "audio"):
         assert s.first_losses[k] == s.first_losses[k]  # finite
         assert s.last_losses[k] < s.first_losses[k]
@@ -248,6 +251,15 @@ def test_full_llm_state_is_renamed_for_the_te_spec(single_rank, monkeypatch):
     assert set(got) == expect
     assert any(k.endswith("self_attention.linear_qkv.layer_norm_weight") for k in got)
     assert not any("input_layernorm" in k or "pre_mlp_layernorm" in k for k in got)
+
+
+def test_bf16_with_trainable_fp32_sanm_needs_the_distributed_optimizer():
+    from megatron_omni.config import ConfigError
+    from megatron_omni.config.validate import validate
+
+    with pytest.raises(ConfigError, match="use_distributed_optimizer=true"):
+        validate(tiny_omni_cfg("training.bf16=true"))
+    validate(tiny_omni_cfg("training.bf16=true", "stage.train_audio=false"))
 
 
 def test_context_parallelism_is_refused_until_rows_are_sliced():
