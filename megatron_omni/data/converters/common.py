@@ -215,7 +215,7 @@ def _iter_json_array(f, name: str, progress: Callable[[int], None], first: bytes
                                f"{n} records")
         c = buf[pos]
         if c == "]" and (not expect_value or n == 0):
-            if skip_trailing(f, buf, pos + 1, eof):
+            if skip_trailing(f, buf, pos + 1, eof, progress):
                 raise ConvertError(f"{name}: data after the end of the JSON array")
             return
         if not expect_value:
@@ -242,13 +242,14 @@ def _iter_json_array(f, name: str, progress: Callable[[int], None], first: bytes
         yield obj
 
 
-def skip_trailing(f, buf: str, pos: int, eof: bool) -> bool:
+def skip_trailing(f, buf: str, pos: int, eof: bool, progress: Callable[[int], None]) -> bool:
     """True when anything but whitespace follows position ``pos`` (in the buffer or the file)."""
     if buf[pos:].strip():
         return True
     if eof:
         return False
     while chunk := f.read(_CHUNK):
+        progress(len(chunk))
         if chunk.strip():
             return True
     return False
@@ -266,6 +267,7 @@ def iter_json_records(path: Path, progress: Callable[[int], None]
         if stripped.startswith(b"["):
             if head.startswith(b"\xef\xbb\xbf"):
                 head = head[3:]
+                progress(3)
             yield from enumerate(_iter_json_array(f, path.name, progress, head))
             return
         f.seek(0)
