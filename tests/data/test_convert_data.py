@@ -547,3 +547,50 @@ def test_tar_member_outside_output_never_written(tmp_path):
     assert not any(p.is_file() for p in (out / "media").rglob("*")) if (out / "media").exists() \
         else True
     assert sorted(os.listdir(tmp_path)) == ["in", "o"]
+
+
+def test_console_script_and_tool_shim():
+    """pyproject's omni-convert-data points at the CLI's main; the tool runs it."""
+    import importlib
+    import subprocess
+    import tomllib
+
+    target = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"][
+        "omni-convert-data"]
+    module, attr = target.split(":")
+    assert getattr(importlib.import_module(module), attr) is main
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "convert_dataset.py"), "--help"],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert res.returncode == 0
+    for opt in ("--format", "--media-root", "--instructions-file", "--limit", "--force"):
+        assert opt in res.stdout
+
+
+def test_failed_run_leaves_nothing_half_written(tmp_path, capsys):
+    """A JSON array damaged in the middle stops the run with the position; the output folder
+    holds no partial file (and an old output replaced with --force is gone, not mixed)."""
+    rec = {"id": "x", "conversations": [{"from": "human", "value": "q"},
+                                        {"from": "gpt", "value": "a"}]}
+    src = tmp_path / "cut.json"
+    src.write_text("[" + ",".join([json.dumps(rec)] * 3) + ', {"id": "y", "conv', encoding="utf-8")
+    out = tmp_path / "raw"
+    assert convert("--format", "sharegpt", "--input", src, "--out", out) == 2
+    assert "record 3 is not valid JSON" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == []
+
+
+def test_linked_media_folder_is_not_written_through(tmp_path, capsys):
+    """out/media linked to a folder elsewhere: refused before anything lands there."""
+    src = tmp_path / "in" / "x.tar"
+    src.parent.mkdir()
+    with tarfile.open(src, "w") as tar:
+        _add(tar, "000.jpg", jpeg_bytes())
+        _add(tar, "000.txt", b"cap")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "media").symlink_to(elsewhere, target_is_directory=True)
+    assert convert("--format", "webdataset", "--input", src, "--out", out) == 2
+    assert "outside the output folder" in capsys.readouterr().err
+    assert list(elsewhere.rglob("*")) == []

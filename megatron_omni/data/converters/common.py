@@ -260,7 +260,7 @@ def iter_json_records(path: Path, progress: Callable[[int], None]
     """``(index, record)`` for a JSON array file or a JSONL file (told apart by the first
     non-blank character), streamed. A JSONL line that is not JSON / not UTF-8 comes as
     ``(index, Skip)``; blank lines are passed over. A broken JSON *array* cannot be read past the
-    damage and raises :class:`ConvertError` (with what was converted so far kept on disk)."""
+    damage and raises :class:`ConvertError`."""
     with open(path, "rb") as f:
         head = f.read(_CHUNK)
         stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
@@ -386,22 +386,32 @@ class OutputDir:
         self.media_dir = self.root / "media" / modality
         self.report = self.root / f"convert_{modality}_report.json"
         self.skipped = self.root / f"convert_{modality}_skipped.jsonl"
-        existing = [p for p in (self.jsonl, self.media_dir, self.report, self.skipped)
-                    if p.exists()]
+        existing = [p for p in self.outputs() if p.exists() or p.is_symlink()]
         if existing and not force:
             raise ConvertError(f"{existing[0]} already exists; pass --force to replace the "
                                f"{modality!r} output in {out}")
         self.root.mkdir(parents=True, exist_ok=True)
-        if self.media_dir.exists():
-            shutil.rmtree(self.inside(self.media_dir))
+        self.remove()
+
+    def outputs(self) -> list[Path]:
+        return [self.jsonl, self.media_dir, self.report, self.skipped,
+                self.jsonl.with_name(self.jsonl.name + ".tmp"),
+                self.skipped.with_name(self.skipped.name + ".tmp")]
+
+    def remove(self) -> None:
+        """Delete this modality's output (an earlier run's, or a failed run's)."""
+        for p in self.outputs():
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+            elif p.is_dir():
+                shutil.rmtree(self.inside(p))
 
     def inside(self, path: Path) -> Path:
-        """``path`` (made absolute); ConvertError if it would leave the output folder."""
-        full = Path(os.path.abspath(path))
+        """``path`` with its links resolved; ConvertError if it would leave the output folder
+        (also through a linked folder on the way)."""
+        full = Path(path).resolve()
         if full != self.root and self.root not in full.parents:
             raise ConvertError(f"refusing to write {path}: outside the output folder {self.root}")
-        if full.exists() and full.is_symlink():
-            raise ConvertError(f"refusing to write through the link {path}")
         return full
 
     def media_path(self, index: int, k: int, ext: str) -> Path:
@@ -536,14 +546,12 @@ def run_conversion(opts: Options, converter: Converter, modality: str, media_roo
     bar = tqdm(total=input_size(opts.input), desc=f"convert {opts.format}", unit="B",
                unit_scale=True, disable=not opts.progress, dynamic_ncols=True)
     tmp = out.inside(out.jsonl.with_name(out.jsonl.name + ".tmp"))
+    tmp_skipped = out.inside(out.skipped.with_name(out.skipped.name + ".tmp"))
     items = converter(opts, out, bar.update)
     try:
         with open(tmp, "w", encoding="utf-8") as fout, \
-                open(out.inside(out.skipped), "w", encoding="utf-8") as fskip:
+                open(tmp_skipped, "w", encoding="utf-8") as fskip:
             for item in items:
-                if opts.limit is not None and report.records >= opts.limit:
-                    report.limited = True
-                    break
                 report.records += 1
                 res = item.result
                 try:
@@ -553,6 +561,8 @@ def run_conversion(opts: Options, converter: Converter, modality: str, media_roo
                     obj["source_id"] = item.source_id
                     line = json.dumps(obj, ensure_ascii=False)
                     validator.check(line.encode("utf-8"), item.source_id)
+                    fout.write(line + "\n")
+                    report.written += 1
                 except Skip as e:
                     if isinstance(res, Sample):
                         for p in res.created:
@@ -560,15 +570,19 @@ def run_conversion(opts: Options, converter: Converter, modality: str, media_roo
                     report.skipped[e.reason] += 1
                     fskip.write(json.dumps({"source_id": item.source_id, "reason": e.reason,
                                             "message": e.message}, ensure_ascii=False) + "\n")
-                    continue
-                fout.write(line + "\n")
-                report.written += 1
+                if opts.limit is not None and report.records >= opts.limit:
+                    report.limited = True
+                    break
+    except BaseException:
+        # A run that cannot finish leaves nothing half-written behind (the input is untouched).
+        items.close()
+        out.remove()
+        raise
     finally:
         bar.close()
-        close = getattr(items, "close", None)
-        if close is not None:
-            close()
+    items.close()
     os.replace(tmp, out.jsonl)
+    os.replace(tmp_skipped, out.skipped)
     out.inside(out.report).write_text(json.dumps(report.as_dict(), indent=2) + "\n",
                                       encoding="utf-8")
     return report
