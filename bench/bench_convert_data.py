@@ -6,8 +6,9 @@
 Writes two LLaVA-Instruct-like JSON arrays (one record = an id, an image path, two or four turns
 with ``<image>``; the images are 16 small PNG/JPEG files reused, every 50th record points at a
 missing file so the skip path runs too), then converts each in a fresh process and reports the
-RSS after every tenth of the large run's records and the peak RSS growth of the conversion (the kernel's high-water mark at the end minus the RSS just
-before it started, after imports) and records/s. Constant memory means the large/small growth
+RSS after every tenth of the large run's records and the peak RSS growth of the conversion (the
+kernel's high-water mark at the end minus the RSS just before it started, after imports) and
+records/s. Constant memory means the large/small growth
 ratio stays near 1 while the input grows 10x. For contrast the same process reports what
 ``json.load`` of the large file costs (the way a naive converter would read it).
 """
@@ -22,7 +23,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""``omni-convert-data``: public dataset layouts -> our JSONL (see megatron_omni/data/converters)."""
+"""``omni-convert-data``: public dataset layouts -> our JSONL (megatron_omni/data/converters)."""
 import sys
 from pathlib import Path
 

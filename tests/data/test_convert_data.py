@@ -1,6 +1,6 @@
-"""omni-convert-data (megatron_omni/data/converters): each public layout -> our JSONL, line for line,
-then through preprocessing with every good sample written and every bad record skipped with its
-reason."""
+"""omni-convert-data (megatron_omni/data/converters): each public layout -> our JSONL, line for
+line, then through preprocessing with every good sample written and every bad record skipped
+with its reason."""
 
 from __future__ import annotations
 
@@ -181,7 +181,8 @@ def test_llava_video_jsonl_and_bad_lines(tmp_path, tok_path):
     src = write_jsonl(tmp_path / "video.jsonl", [
         # LLaVA-Video style: a video sample whose text says <image>
         {"id": "v1", "video": "clip.webm", "conversations": [
-            {"from": "human", "value": "<image>\nWhat happens?"}, {"from": "gpt", "value": "It fades in."}]},
+            {"from": "human", "value": "<image>\nWhat happens?"},
+            {"from": "gpt", "value": "It fades in."}]},
         {"id": "v2", "video": ["clip.webm"], "conversations": [
             {"from": "human", "value": "<video> Again?"}, {"from": "gpt", "value": "Yes."}]},
         "{broken json",
@@ -245,7 +246,8 @@ def test_openai_messages(tmp_path, tok_path):
     b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
     src = write_jsonl(root / "chat.jsonl", [
         {"messages": [{"role": "developer", "content": "Answer briefly."},
-                      {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+                      {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello"}]},
         {"id": "o2", "messages": [
             {"role": "user", "content": [
                 {"type": "text", "text": "What is in this picture?"},
@@ -379,7 +381,8 @@ def test_funasr_jsonl(tmp_path, tok_path):
     assert convert("--format", "funasr", "--input", src, "--out", out, "--media-root", root,
                    "--instruction", "Please transcribe: <audio>") == 0
     assert read_jsonl(out / "audio.jsonl") == [
-        {"messages": [user("Please transcribe: <audio>"), assistant("而对楼市成交抑制作用最大的限购")],
+        {"messages": [user("Please transcribe: <audio>"),
+                      assistant("而对楼市成交抑制作用最大的限购")],
          "audios": ["wav/1.wav"], "task": "asr", "source_id": "BAC009S0002W0122"},
         {"messages": [user("Please transcribe: <audio>"), assistant("two")],
          "audios": ["wav/2.wav"], "task": "asr", "source_id": "k2"},

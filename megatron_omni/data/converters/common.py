@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
-import hashlib
 import json
 import os
 import random
@@ -594,10 +593,6 @@ def check_modality_name(modality: str) -> str | None:
         return (f"note: {modality!r} is not one of {', '.join(MODALITIES)}; pass --modalities "
                 f"{modality} to preprocess_data.py")
     return None
-
-
-def sha1_name(data: bytes) -> str:
-    return hashlib.sha1(data).hexdigest()
 
 
 def get_field(rec: Mapping, *names: str) -> Any:

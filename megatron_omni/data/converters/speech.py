@@ -43,7 +43,8 @@ DEFAULT_ASR_INSTRUCTION = "Transcribe the audio."
 
 def asr_sample(path: str, transcript: str, instruction: str, media_root: Path) -> Sample:
     rel = media_reference(path, media_root)
-    return Sample({"messages": [{"role": "user", "content": with_placeholder(instruction, "<audio>")},
+    prompt = with_placeholder(instruction, "<audio>")
+    return Sample({"messages": [{"role": "user", "content": prompt},
                                 {"role": "assistant", "content": transcript}],
                    "audios": [rel], "task": "asr"})
 
