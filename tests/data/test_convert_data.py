@@ -222,6 +222,8 @@ def test_sharegpt_text(tmp_path, tok_path):
         {"id": "s5", "conversations": [{"from": "human", "value": "Hi"},
                                        {"from": "gpt", "value": "   "}]},
         {"id": "s6", "conversations": [{"from": "human", "value": "Hi"}]},
+        {"id": "s7", "conversations": [{"from": ["human"], "value": "Hi"},
+                                       {"from": "gpt", "value": "x"}]},
     ])
     out = tmp_path / "raw"
     assert convert("--format", "sharegpt", "--input", src, "--out", out) == 0
@@ -232,7 +234,8 @@ def test_sharegpt_text(tmp_path, tok_path):
                       assistant("Hello!")], "source_id": "s2"},
     ]
     assert skipped(out, "text") == {"s3": "misplaced_system", "s4": "unsupported_content",
-                                    "s5": "empty_answer", "s6": "no_assistant_turn"}
+                                    "s5": "empty_answer", "s6": "no_assistant_turn",
+                                    "s7": "bad_role"}
     preprocess_all(out, "text", tmp_path, tok_path, 2)
 
 

@@ -29,6 +29,7 @@ from megatron_omni.data.converters.common import (
     OutputDir,
     Sample,
     Skip,
+    attempt,
     decode_base64,
     decode_data_url,
     get_field,
@@ -101,10 +102,7 @@ def convert_conversations(opts: Options, out: OutputDir, progress: Callable[[int
         if isinstance(rec, Skip):
             yield Item(sid, rec)
             continue
-        try:
-            yield Item(sid, conversation_sample(rec, media_root))
-        except Skip as e:
-            yield Item(sid, e)
+        yield attempt(sid, conversation_sample, rec, media_root)
 
 
 # ------------------------------------------------------------------------------------ OpenAI
@@ -193,7 +191,7 @@ def openai_sample(rec: Any, out: OutputDir, media_root: Path, index: int) -> Sam
             role = map_role(m.get("role"))
             messages.append({"role": role,
                              "content": _openai_content(m.get("content"), sink, media)})
-    except Skip:
+    except Exception:
         for p in sink.created:
             p.unlink(missing_ok=True)
         raise
@@ -211,7 +209,4 @@ def convert_openai(opts: Options, out: OutputDir, progress: Callable[[int], None
         if isinstance(rec, Skip):
             yield Item(sid, rec)
             continue
-        try:
-            yield Item(sid, openai_sample(rec, out, media_root, i))
-        except Skip as e:
-            yield Item(sid, e)
+        yield attempt(sid, openai_sample, rec, out, media_root, i)

@@ -15,6 +15,7 @@ import base64
 import binascii
 import codecs
 import json
+import logging
 import os
 import random
 import re
@@ -34,6 +35,8 @@ from megatron_omni.data.preprocess import (
 )
 from megatron_omni.data.tokenizer import OmniTokenizer, load_tokenizer
 
+log = logging.getLogger("megatron_omni.data.converters")
+
 FORMATS = ("llava", "sharegpt", "openai", "kaldi", "funasr", "webdataset", "dpo")
 
 CONVERT_REASONS: dict[str, str] = {
@@ -52,6 +55,7 @@ CONVERT_REASONS: dict[str, str] = {
     "no_caption": "a WebDataset sample without .txt and without a caption in its .json",
     "no_image": "a WebDataset sample without an image member",
     "unsafe_member": "a tar member with an absolute path, '..', or that is a link / device",
+    "internal_error": "an unexpected error converting the record (a bug; logged with traceback)",
 }
 """Reasons the converters themselves skip a record for (validation adds preprocessing's reasons,
 ``preprocess.PREPROCESS_REASONS``)."""
@@ -101,9 +105,23 @@ class Item:
     result: Sample | Skip
 
 
+def attempt(source_id: str, fn: Callable[..., "Sample"], *args: Any) -> Item:
+    """``Item(source_id, fn(*args))``, or the record's skip: a :class:`Skip` it raises, or
+    ``internal_error`` for anything unexpected, so one odd record never stops a run."""
+    try:
+        return Item(source_id, fn(*args))
+    except Skip as e:
+        return Item(source_id, e)
+    except ConvertError:
+        raise
+    except Exception as e:  # a converter bug or an input shape nobody foresaw
+        log.exception("unexpected error converting %s", source_id)
+        return Item(source_id, Skip("internal_error", f"unexpected {type(e).__name__}: {e}"))
+
+
 def map_role(name: Any) -> str:
     """A speaker name of ShareGPT / LLaVA / OpenAI data -> system / user / assistant."""
-    key = name.lower() if isinstance(name, str) else name
+    key = name.lower() if isinstance(name, str) else None
     if key in _UNSUPPORTED_ROLES:
         raise Skip("unsupported_content", f"a {name!r} turn (tool use) cannot be carried")
     if key not in _ROLE_MAP:
@@ -483,7 +501,10 @@ class Validator:
         try:
             process_line(line, key="convert-000000000", modality=self.modality, split="train",
                          source=source_id, ctx=self.ctx)
-        except SkipLine as e:
+        except Exception as e:
+            if not isinstance(e, SkipLine):  # preprocessing's own pool treats it the same way
+                log.exception("unexpected error validating %s", source_id)
+                raise Skip("internal_error", f"unexpected {type(e).__name__}: {e}") from None
             msg = e.message
             if msg.startswith(f"[{e.reason}] "):  # a templating error repeats its reason
                 msg = msg[len(e.reason) + 3:]

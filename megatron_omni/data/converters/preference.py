@@ -22,6 +22,7 @@ from megatron_omni.data.converters.common import (
     OutputDir,
     Sample,
     Skip,
+    attempt,
     iter_json_records,
     map_role,
     media_reference,
@@ -99,7 +100,4 @@ def convert_dpo(opts: Options, out: OutputDir, progress: Callable[[int], None]
         if isinstance(rec, Skip):
             yield Item(sid, rec)
             continue
-        try:
-            yield Item(sid, dpo_sample(rec, media_root))
-        except Skip as e:
-            yield Item(sid, e)
+        yield attempt(sid, dpo_sample, rec, media_root)

@@ -22,7 +22,7 @@ absolute paths must lie inside it and are stored relative to it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from megatron_omni.data.converters.common import (
     ConvertError,
@@ -32,6 +32,7 @@ from megatron_omni.data.converters.common import (
     OutputDir,
     Sample,
     Skip,
+    attempt,
     iter_json_records,
     iter_text_lines,
     media_reference,
@@ -118,12 +119,9 @@ def convert_kaldi(opts: Options, out: OutputDir, progress: Callable[[int], None]
             yield Item(t[0], Skip("no_audio", f"{t[0]} is in text but not in wav.scp"))
             t = next(texts, None)
         else:
-            utt = w[0]
-            try:
-                yield Item(utt, asr_sample(_scp_path(w[1]), t[1].strip(), instr.pick(utt),
-                                           media_root))
-            except Skip as e:
-                yield Item(utt, e)
+            utt, entry, transcript = w[0], w[1], t[1]
+            yield attempt(utt, lambda: asr_sample(_scp_path(entry), transcript.strip(),
+                                                  instr.pick(utt), media_root))
             w, t = next(wavs, None), next(texts, None)
 
 
@@ -138,12 +136,13 @@ def convert_funasr(opts: Options, out: OutputDir, progress: Callable[[int], None
         if isinstance(rec, Skip):
             yield Item(sid, rec)
             continue
-        try:
-            if not isinstance(rec, dict):
-                raise Skip("bad_record", "a line must be a JSON object")
-            src, tgt = rec.get("source"), rec.get("target")
-            if not isinstance(src, str) or not isinstance(tgt, str):
-                raise Skip("bad_record", "'source' and 'target' must be strings")
-            yield Item(sid, asr_sample(src, tgt.strip(), instr.pick(sid), media_root))
-        except Skip as e:
-            yield Item(sid, e)
+        yield attempt(sid, funasr_sample, rec, instr.pick(sid), media_root)
+
+
+def funasr_sample(rec: Any, instruction: str, media_root: Path) -> Sample:
+    if not isinstance(rec, dict):
+        raise Skip("bad_record", "a line must be a JSON object")
+    src, tgt = rec.get("source"), rec.get("target")
+    if not isinstance(src, str) or not isinstance(tgt, str):
+        raise Skip("bad_record", "'source' and 'target' must be strings")
+    return asr_sample(src, tgt.strip(), instruction, media_root)

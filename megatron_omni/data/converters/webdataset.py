@@ -30,6 +30,7 @@ from megatron_omni.data.converters.common import (
     OutputDir,
     Sample,
     Skip,
+    attempt,
     with_placeholder,
 )
 
@@ -120,20 +121,22 @@ def convert_webdataset(opts: Options, out: OutputDir, progress: Callable[[int], 
     for tar_path in tar_files(opts.input):
         for key, parts, bad in _samples(tar_path, progress):
             sid = f"{tar_path.name}/{key}"
+            yield attempt(sid, caption_sample, parts, bad, instr.pick(sid), out, index)
             index += 1
-            try:
-                if bad is not None:
-                    raise Skip("unsafe_member", bad)
-                ext = next((e for e in IMAGE_EXTS if e in parts), None)
-                if ext is None:
-                    raise Skip("no_image", f"no {'/'.join(IMAGE_EXTS)} member")
-                caption = _caption(parts)
-                if caption is None:
-                    raise Skip("no_caption", "no .txt and no 'caption' in .json")
-                rel, full = out.write_media(index - 1, 0, ext, parts[ext])
-                yield Item(sid, Sample({"messages": [
-                    {"role": "user", "content": with_placeholder(instr.pick(sid), "<image>")},
-                    {"role": "assistant", "content": caption}],
-                    "images": [rel], "task": "caption"}, created=[full]))
-            except Skip as e:
-                yield Item(sid, e)
+
+
+def caption_sample(parts: dict[str, bytes], bad: str | None, instruction: str, out: OutputDir,
+                   index: int) -> Sample:
+    if bad is not None:
+        raise Skip("unsafe_member", bad)
+    ext = next((e for e in IMAGE_EXTS if e in parts), None)
+    if ext is None:
+        raise Skip("no_image", f"no {'/'.join(IMAGE_EXTS)} member")
+    caption = _caption(parts)
+    if caption is None:
+        raise Skip("no_caption", "no .txt and no 'caption' in .json")
+    rel, full = out.write_media(index, 0, ext, parts[ext])
+    prompt = with_placeholder(instruction, "<image>")
+    return Sample({"messages": [{"role": "user", "content": prompt},
+                                {"role": "assistant", "content": caption}],
+                   "images": [rel], "task": "caption"}, created=[full])
