@@ -178,7 +178,7 @@ def with_placeholder(instruction: str, placeholder: str) -> str:
 
 
 _WS = re.compile(r"[ \t\n\r]*")
-_CHUNK = 1 << 20
+_CHUNK = 1 << 16
 MAX_RECORD_CHARS = 1 << 28
 """A single JSON array element larger than this (256 Mi characters) stops the conversion."""
 
