@@ -237,6 +237,11 @@ def test_sharegpt_text(tmp_path, tok_path):
                                     "s5": "empty_answer", "s6": "no_assistant_turn",
                                     "s7": "bad_role"}
     preprocess_all(out, "text", tmp_path, tok_path, 2)
+    # Validating with the training tokenizer instead of the byte stand-in: the same result.
+    first = (out / "text.jsonl").read_bytes()
+    assert convert("--format", "sharegpt", "--input", src, "--out", out, "--force",
+                   "--tokenizer", tok_path) == 0
+    assert (out / "text.jsonl").read_bytes() == first
 
 
 # ------------------------------------------------------------------------------------ OpenAI
