@@ -64,7 +64,8 @@ LoRA: {lora}
 
 
 def llama_hf_config(cfg, dtype: torch.dtype, token_ids: Optional[dict] = None) -> dict:
-    """transformers ``LlamaConfig`` dict for our LLM (1-D RoPE + Llama-3.1 scaling)."""
+    """transformers ``LlamaConfig`` dict for our LLM (1-D RoPE, with the llama3 scaling only if
+    the checkpoint was trained with it)."""
     out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **llm_hf_fields(cfg),
            "torch_dtype": dtype_name(dtype)}
     scaling = llama3_scaling(cfg)

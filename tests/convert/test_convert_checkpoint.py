@@ -2,8 +2,9 @@
 
 The slow round trip builds tiny random transformers models (Llama with llama3 rope scaling and
 GQA, sharded safetensors; a Qwen2-VL; a FunASR SAN-M state dict), imports them together at
-TP=2 x PP=2 (the tool launches 4 gloo ranks), exports the result and checks every tensor against
-the originals. Fast tests run in this process.
+TP=2 x PP=2 (the tool launches 4 gloo ranks; the llama3 scaling is dropped, as for M2-omni),
+exports the result and checks every tensor against the originals. Fast tests run in this
+process.
 """
 
 from __future__ import annotations
@@ -710,14 +711,15 @@ def converted(tmp_path_factory):
     r = run_cli("import", "--llama", root / "llama", "--qwen2vl", root / "qwen2vl",
                 "--funasr", root / "funasr", "--tp", 2, "--pp", 2, "--out", ck,
                 "--no-progress", "model.speech_codebook_size=16",
-                "model.projector.vision_depth=2", "model.llm.make_vocab_size_divisible_by=64",
+                "model.projector.vision_depth=2", "model.projector.audio_depth=2",
+                "model.llm.make_vocab_size_divisible_by=64",
                 timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     rel, hf = root / "release", root / "llama_export"
     assert tool_main("export", ck, "--out", rel, "--format", "release", "--no-progress",
                      "--max-shard-size", "200KB") == 0
     assert tool_main("export", ck, "--out", hf, "--format", "llama", "--no-progress") == 0
-    return dict(root=root, ck=ck, rel=rel, hf=hf, stdout=r.stdout,
+    return dict(root=root, ck=ck, rel=rel, hf=hf, stdout=r.stdout, stderr=r.stderr,
                 llama={k: v.detach().clone() for k, v in llama.state_dict().items()},
                 qwen={k: v.detach().clone() for k, v in qwen.state_dict().items()},
                 funasr=funasr)
@@ -735,7 +737,9 @@ def test_import_writes_a_tp2_pp2_checkpoint(converted):
     assert saved["parallel"]["pipeline_model_parallel_size"] == 2
     llm = saved["model"]["llm"]
     assert (llm["vocab_size"], llm["num_query_groups"], llm["norm_epsilon"]) == (145, 2, 1e-6)
-    assert llm["rope_scaling"] and saved["model"]["vision"]["merger_hidden_size"] == 48
+    # The source's llama3 scaling is dropped (M2-omni runs unscaled M-RoPE), with a warning.
+    assert not llm["rope_scaling"] and saved["model"]["vision"]["merger_hidden_size"] == 48
+    assert "model.llm.rope_scaling=true" in converted["stderr"]
     assert saved["model"]["audio"]["num_blocks"] == 3
     index = json.loads((step / "rank_state" / "index.json").read_text())
     assert len(index) == 4
@@ -757,7 +761,7 @@ def test_round_trip_llama_is_exact(converted):
         else:
             assert torch.equal(back[k], t), k
     conf = json.loads((converted["hf"] / "config.json").read_text())
-    assert conf["model_type"] == "llama" and conf["rope_scaling"]["rope_type"] == "llama3"
+    assert conf["model_type"] == "llama" and conf["rope_scaling"] is None  # as imported
     assert (conf["bos_token_id"], conf["eos_token_id"]) == (1, 2)
     readme = (converted["hf"] / "README.md").read_text()
     assert "t = h = w" in readme and "1-D RoPE" in readme
