@@ -121,8 +121,6 @@ AUDIO_FIELDS = {  # our model.audio field -> (release name, FunASR encoder_conf 
     "sanm_shift": ("audio_sanm_shfit", "sanm_shfit"),
     "frames_per_token": ("audio_compress", None),
 }
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
-                    "original_max_position_embeddings")
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 

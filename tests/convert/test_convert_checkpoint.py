@@ -464,6 +464,9 @@ def test_release_config_reads_their_variants_and_refuses_bad_ids():
     saved["audio_config"] = {"input_size": 560, "output_size": 32, "attention_heads": 2,
                              "linear_units": 64, "num_blocks": 2, "kernel_size": 11,
                              "sanm_shfit": 0}
+    # save_pretrained also writes PretrainedConfig's generic keys; they are ignored.
+    saved.update(transformers_version="4.45.0", return_dict=True, _name_or_path="m2omni")
+    saved["llm_config"].update(output_hidden_states=False, torch_dtype="float16")
     assert to_dict(omni_config_from_release(saved).model) == want
     # Without mlp_depths the tensor names give the depth (of both projectors).
     del saved["mlp_depths"]
