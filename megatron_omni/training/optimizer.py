@@ -6,7 +6,7 @@
   with overlapped reduction, ``no_sync_func``).
 * :func:`build_optimizer` returns ``get_megatron_optimizer(OptimizerConfig(...))``: Adam or AdamW
   with weight decay skipped for biases and 1-D parameters (megatron-core's default param groups),
-  gradient clipping, bf16 main-parameter handling on GPU, and the distributed optimizer
+  gradient clipping, bf16 main-parameter handling (GPU and CPU), and the distributed optimizer
   (``DistributedOptimizer``, states sharded over data parallel) when
   ``training.use_distributed_optimizer`` is set. Only parameters with ``requires_grad`` are
   handed to the optimizer (megatron-core skips frozen ones when it builds the param groups, and
@@ -26,9 +26,6 @@ from typing import Sequence
 import torch
 
 from ..config.schema import ConfigError, OmniConfig
-
-def _on_gpu() -> bool:
-    return torch.cuda.is_available()
 
 
 def _bf16(cfg: OmniConfig) -> bool:
