@@ -6,10 +6,12 @@ directory of a save in progress::
     root/
       latest                     "step_00000120" (atomic write: temp file + os.replace)
       step_00000100/             a complete checkpoint
-        complete.json            completion marker, written last, before the directory is renamed
+        complete.json            completion marker, written last, before the directory is renamed;
+                                 size + CRC-32 of every file (verified before a resume)
         config.yaml              the run config (human-readable copy)
         metadata.json common.pt *.distcp ...   the dist_checkpointing payload
-        rank_state/rank_00003.pt per-rank RNG states + rank-local extra state (e.g. data loader)
+        rank_state/rank_00003.json per-rank RNG states + rank-local extra state (e.g. data
+                                 loader), tagged JSON that loads without running code
         rank_state/index.json    global rank -> (tp, pp, dp, cp) ranks at save time
       tmp_step_00000120/         a save in progress, or one killed midway: never loaded, deleted
                                  by the next save
@@ -107,6 +109,9 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import ckpt_integrity as integrity
+from . import safe_state
+
 log = logging.getLogger(__name__)
 
 FORMAT = "megatron-omni/dist-ckpt/1"
@@ -136,6 +141,40 @@ class CheckpointError(RuntimeError):
 
 def step_dir_name(step: int) -> str:
     return f"step_{int(step):08d}"
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank_{int(rank):05d}.json"
+
+
+TRUST_PICKLE_ENV = "MEGATRON_OMNI_TRUST_PICKLED_RANK_STATE"
+"""Set to 1 to read a rank state file of the old pickle format (``rank_XXXXX.pt``, checkpoints
+written before the JSON format): unpickling runs code from the file, so only for checkpoints you
+wrote yourself."""
+
+
+def read_rank_file(rank_dir: Path, rank: int) -> Optional[dict]:
+    """One rank's saved state, or None if the checkpoint has no file for it. Never unpickles
+    unless :data:`TRUST_PICKLE_ENV` is set (old ``.pt`` files)."""
+    path = Path(rank_dir) / rank_file_name(rank)
+    if path.is_file():
+        try:
+            return safe_state.loads(path.read_bytes())
+        except (safe_state.UnsafeStateError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: unreadable rank state ({e})") from None
+    legacy = Path(rank_dir) / f"rank_{int(rank):05d}.pt"
+    if not legacy.is_file():
+        return None
+    if os.environ.get(TRUST_PICKLE_ENV) == "1":
+        return torch.load(legacy, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with advice
+        raise CheckpointError(
+            f"{legacy} is a pickled rank state file (old format) that holds more than plain "
+            f"tensors; unpickling it could run code from the file, so it is not read. If you "
+            f"wrote this checkpoint yourself, set {TRUST_PICKLE_ENV}=1 for this resume (the next "
+            f"checkpoint is written in the safe format). ({type(e).__name__})") from None
 
 
 # --- finding checkpoints --------------------------------------------------------------------------
@@ -499,8 +538,8 @@ def _config_yaml(cfg) -> Optional[str]:
 def _publish(root: Path, tmp: Path, final: Path, step: int, keep_last: int, meta: dict) -> None:
     """Rank 0, after every rank finished writing into ``tmp``."""
     _atomic_write_bytes(tmp / COMPLETE, json.dumps(
-        {"step": int(step), "time": time.time(), "format": FORMAT, "layout": meta["layout"]},
-        indent=1).encode())
+        {"step": int(step), "time": time.time(), "format": FORMAT, "layout": meta["layout"],
+         "files": integrity.file_checksums(tmp)}, indent=1).encode())
     _fsync_dir(tmp)
     replaced = None
     if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
@@ -594,9 +633,9 @@ def save_checkpoint(root: Union[str, Path], step: int, model_chunks: Sequence[to
 
     rank_dir = tmp / RANK_DIR
     rank_dir.mkdir(exist_ok=True)
-    buf = io.BytesIO()
-    torch.save({"layout": layout, "rng": capture_rng_state(), RANK_LOCAL: rank_local}, buf)
-    _atomic_write_bytes(rank_dir / f"rank_{rank:05d}.pt", buf.getvalue())
+    # Tagged JSON, not a pickle: reading it back runs no code (training/safe_state.py).
+    _atomic_write_bytes(rank_dir / rank_file_name(rank), safe_state.dumps(
+        {"layout": layout, "rng": capture_rng_state(), RANK_LOCAL: rank_local}))
     layouts = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(layouts, layout)
     if rank == 0:
@@ -670,12 +709,18 @@ def _rank_state(ckpt: Path, meta: dict, weights_only: bool, seed: Optional[int])
         return info
     layout = _layout()
     rank = layout["rank"]
-    own = ckpt / RANK_DIR / f"rank_{rank:05d}.pt"
-    if _shape(layout) == meta.get("layout") and own.is_file():
-        st = torch.load(own, map_location="cpu", weights_only=False)
+    same_layout = _shape(layout) == meta.get("layout")
+    st = read_rank_file(ckpt / RANK_DIR, rank) if same_layout else None
+    if st is not None:
         restore_rng_state(st["rng"])
         info.update(rng_restored=True, rank_local_source="exact", **{RANK_LOCAL: st[RANK_LOCAL]})
         return info
+    if same_layout:
+        log.warning("%s has no state file for rank %d (%s): its RNG streams are re-seeded and "
+                    "its rank-local state (data position) is taken from a rank of the same "
+                    "data-parallel rank if there is one", ckpt, rank,
+                    ckpt / RANK_DIR / rank_file_name(rank))
+        info["rank_state_missing"] = True
     reseed_rng(_seed_from(meta, seed), meta.get("step", 0))
     index_file = ckpt / RANK_DIR / "index.json"
     if meta.get("layout", {}).get("dp") == layout["dp"] and index_file.is_file():
@@ -684,10 +729,12 @@ def _rank_state(ckpt: Path, meta: dict, weights_only: bool, seed: Optional[int])
         # Prefer the same pipeline stage, then the lowest TP/CP rank.
         same_dp.sort(key=lambda s: (s["pp_rank"] != layout["pp_rank"], s["pp_rank"],
                                     s["tp_rank"], s["cp_rank"]))
-        if same_dp:
-            st = torch.load(ckpt / RANK_DIR / f"rank_{same_dp[0]['rank']:05d}.pt",
-                            map_location="cpu", weights_only=False)
-            info.update(rank_local_source="data_parallel_rank", **{RANK_LOCAL: st[RANK_LOCAL]})
+        for cand in same_dp:
+            st = read_rank_file(ckpt / RANK_DIR, cand["rank"])
+            if st is not None:
+                info.update(rank_local_source="data_parallel_rank",
+                            **{RANK_LOCAL: st[RANK_LOCAL]})
+                break
     return info
 
 
