@@ -5,7 +5,7 @@ directory in ``complete.json`` (``"files": {relative path: {"size": n, "crc32": 
 Before a resume, :func:`verify_checkpoint` re-reads them and reports each problem with the file
 and what is wrong (missing, truncated/grown, checksum mismatch), and for checkpoints written
 before checksums existed at least checks that the parts every load needs are there and parse
-(``.metadata``, ``common.pt``, the rank-state index and files).
+(``.metadata``, ``metadata.json``, ``common.pt``, the rank-state index).
 
 Auto-resume (no ``training.load``) uses :func:`set_aside` on a checkpoint that fails: the
 directory is renamed ``damaged_step_XXXXXXXX`` (never deleted; :func:`find_latest` no longer
@@ -92,15 +92,12 @@ def _structural_problems(ckpt: Path, marker: dict) -> list[str]:
         except Exception as e:  # noqa: BLE001 - any failure is reported with its reason
             problems.append(f"{ckpt / 'common.pt'}: does not load ({type(e).__name__}: "
                             f"{str(e)[:200]})")
+    # A missing rank state file is not fatal by itself (that rank is re-seeded, with a warning);
+    # with checksums recorded it counts as damage like any other missing file.
     index = ckpt / "rank_state" / "index.json"
     if index.is_file():
         try:
-            ranks = json.loads(index.read_text())
-            for r in ranks:
-                rank = int(r["rank"])
-                if not any((ckpt / "rank_state" / f"rank_{rank:05d}{ext}").is_file()
-                           for ext in (".json", ".pt")):
-                    problems.append(f"{ckpt / 'rank_state'}/rank_{rank:05d}.json: missing")
+            [int(r["rank"]) for r in json.loads(index.read_text())]
         except (OSError, ValueError, KeyError, TypeError) as e:
             problems.append(f"{index}: unreadable ({type(e).__name__}: {e})")
     return problems

@@ -82,6 +82,7 @@ def choose_checkpoint(cfg, printer: Callable[[str], None]) -> Optional[Path]:
         return path
     if not tr.save:
         return None
+    set_aside_here = []
     while True:
         found = ckpt.find_latest(tr.save) if _rank() == 0 else None
         problems = (integrity.verify_checkpoint(found, tr.verify_checkpoint)
@@ -96,18 +97,33 @@ def choose_checkpoint(cfg, printer: Callable[[str], None]) -> Optional[Path]:
                              if _rank() == 0 else None)
         found_s, problems, aside = verdict
         if found_s is None:
+            _refuse_fresh_start_over_damaged(tr.save, set_aside_here)
             return None
         if not problems:
             return Path(found_s)
         if aside is None:
             raise ckpt.CheckpointError(f"checkpoint {found_s} is damaged and could not be set "
                                        f"aside:{integrity.describe(problems)}")
+        set_aside_here.append(aside)
         msg = (f" checkpoint {found_s} is damaged, not resuming from it:"
                f"{integrity.describe(problems)}\n  set aside as {aside} (kept for inspection; "
                f"delete it when done); trying the next older checkpoint")
         log.error(msg)
         if _rank() == 0 or _is_last():
             printer(msg)
+
+
+def _refuse_fresh_start_over_damaged(save, set_aside_here: list) -> None:
+    """No intact checkpoint is left: starting the stage from step 0 would silently throw the
+    run's progress away (and do so again at every requeue), so stop and say what to do."""
+    damaged = sorted(str(p) for p in Path(save).glob(integrity.DAMAGED_PREFIX + "step_*"))
+    if not damaged:
+        return
+    raise ckpt.CheckpointError(
+        f"training.save={save} holds no intact checkpoint, only damaged ones set aside: "
+        f"{', '.join(damaged[-4:])}{' ...' if len(damaged) > 4 else ''}. Not starting the stage "
+        f"from step 0 on my own: restore a checkpoint from a backup, point training.load at one, "
+        f"or, to really start over, move the damaged_* directories out of {save}")
 
 
 def _is_last() -> bool:

@@ -137,11 +137,8 @@ class Trainer:
     def setup(self) -> None:
         from megatron.core import parallel_state as ps
 
-        from ..models.omni import build_omni_chunks, set_trainable, special_token_ids
-        from ..parallel import runtime
-        from .optimizer import build_optimizer, build_scheduler, wrap_ddp
-
         from ..config.validate_data import validate_data
+        from ..parallel import runtime
 
         cfg = self.cfg
         env = runtime.dist_env_from_environ()
@@ -152,6 +149,17 @@ class Trainer:
         if not torch.distributed.is_initialized() or not ps.model_parallel_is_initialized():
             runtime.initialize(cfg.parallel, seed=cfg.training.seed, env=env)
         self._run_lock = resume.lock_save_dir(cfg)  # one run per training.save
+        try:
+            self._build()
+        except BaseException:
+            self.close()  # a run that failed to start must not keep the directory locked
+            raise
+
+    def _build(self) -> None:
+        from ..models.omni import build_omni_chunks, set_trainable, special_token_ids
+        from .optimizer import build_optimizer, build_scheduler, wrap_ddp
+
+        cfg = self.cfg
         self.special = special_token_ids(cfg)
         chunks = build_omni_chunks(cfg)
         st = cfg.stage
@@ -348,7 +356,15 @@ class Trainer:
         self.logger.close()
         if tr.save and _is_logging_rank():
             self._write_summary(summary, started)
+        self.close()
         return summary
+
+    def close(self) -> None:
+        """Release the save directory's run lock (it is also released when the process ends)."""
+        lock = getattr(self, "_run_lock", None)
+        if lock is not None:
+            lock.release()
+            self._run_lock = None
 
     def _mark_resume(self, source) -> None:
         """A resume from an older checkpoint repeats steps already in ``losses.jsonl``: append
