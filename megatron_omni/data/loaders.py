@@ -106,6 +106,7 @@ from megatron_omni.data.preprocess import (
     template_config_from,
     tokenizer_fingerprint,
     video_settings_from,
+    wav_truncation,
 )
 from megatron_omni.data.templates import (
     IGNORE_INDEX,
@@ -335,6 +336,11 @@ class OmniTaskEncoder(TaskEncoder):
                         for k in ("images", "videos", "audios")}
             except KeyError as e:
                 self._skip("missing_part", s.__key__, e)
+                wanted.append(None)
+                continue
+            short = next((w for w in map(wav_truncation, srcs["audios"]) if w), "")
+            if short:  # decoders would silently return fewer samples than the header says
+                self._skip("audio_size_mismatch", s.__key__, short)
                 wanted.append(None)
                 continue
             spans = {"images": (len(imgs), len(imgs) + len(srcs["images"])),
