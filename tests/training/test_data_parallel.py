@@ -74,10 +74,17 @@ def run_with_keys(data, tmp_path, name, world, *extra):
     return read_keys(keys)
 
 
-def test_dp_ranks_read_disjoint_slices_and_resize_is_refused(data, tmp_path):
-    dp1 = run_with_keys(data, tmp_path, "dp1", 1)
+@pytest.fixture(scope="module")
+def dp1(data, tmp_path_factory):
+    """A DP=1 run: what every layout must read in total (and a DP=1 checkpoint)."""
+    base = tmp_path_factory.mktemp("dp1")
+    keys = run_with_keys(data, base, "dp1", 1)
+    return {"read": keys_by_modality(keys[0]["read"]), "save": base / "dp1"}
+
+
+def test_dp_ranks_read_disjoint_slices_and_resize_is_refused(data, dp1, tmp_path):
     dp2 = run_with_keys(data, tmp_path, "dp2", 2)
-    one = keys_by_modality(dp1[0]["read"])
+    one = dp1["read"]
     # STEPS steps cover more than an epoch of the small dataset: every training sample.
     assert {m: len(k) for m, k in one.items()} == data["written"]
     assert sorted(r["dp_rank"] for r in dp2.values()) == [0, 1]
@@ -87,8 +94,7 @@ def test_dp_ranks_read_disjoint_slices_and_resize_is_refused(data, tmp_path):
         assert a[m] | b[m] == one[m], m  # together: what DP=1 reads
 
     # Resume at another DP size: refused with the way forward, nothing trained or saved.
-    for saved, world in (("dp2", 1), ("dp1", 2)):
-        save = tmp_path / saved
+    for save, world in ((tmp_path / "dp2", 1), (dp1["save"], 2)):
         before = sorted(p.name for p in save.iterdir())
         with pytest.raises(AssertionError) as e:
             run_workers("trainer_run.py", world, overrides(
@@ -104,10 +110,9 @@ def test_dp_ranks_read_disjoint_slices_and_resize_is_refused(data, tmp_path):
     assert res["last_step"] == STEPS + 1 and res["steps_done"] == 1
 
 
-def test_tp2_dp2_ranks_read_disjoint_slices(data, tmp_path):
+def test_tp2_dp2_ranks_read_disjoint_slices(data, dp1, tmp_path):
     got = run_with_keys(data, tmp_path, "tp2dp2", 4, "parallel.tensor_model_parallel_size=2")
-    dp1 = run_with_keys(data, tmp_path, "ref", 1)
-    one = keys_by_modality(dp1[0]["read"])
+    one = dp1["read"]
     by_dp = defaultdict(list)
     for r in got.values():
         by_dp[r["dp_rank"]].append(r["read"])

@@ -240,3 +240,19 @@ def test_no_intact_checkpoint_left_is_an_error_not_a_fresh_start(two_checkpoints
             make_trainer(save, "training.train_iters=2")
     assert sorted(p.name for p in save.glob("damaged_*")) == ["damaged_step_00000001",
                                                               "damaged_step_00000002"]
+
+
+def test_loaders_never_guess_the_data_parallel_rank(monkeypatch):
+    """A failing megatron parallel-state query used to be swallowed into "rank 0 of 1" (every
+    rank reading the same data); now it surfaces."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_omni.data import loaders
+
+    def broken():
+        raise RuntimeError("data-parallel group not built")
+
+    monkeypatch.setattr(ps, "model_parallel_is_initialized", lambda: True)
+    monkeypatch.setattr(ps, "get_data_parallel_rank", broken)
+    with pytest.raises(RuntimeError, match="data-parallel group not built"):
+        loaders._dp_from_megatron()
