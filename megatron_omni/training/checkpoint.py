@@ -535,11 +535,15 @@ def _config_yaml(cfg) -> Optional[str]:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def _publish(root: Path, tmp: Path, final: Path, step: int, keep_last: int, meta: dict) -> None:
-    """Rank 0, after every rank finished writing into ``tmp``."""
+def _publish(root: Path, tmp: Path, final: Path, step: int, keep_last: int, meta: dict,
+             known_sums: Optional[dict] = None) -> None:
+    """Rank 0, after every rank finished writing into ``tmp``. ``known_sums``: checksums the
+    ranks computed for their own files; the remaining files are checksummed here."""
+    known = dict(known_sums or {})
+    files = {**known, **integrity.file_checksums(tmp, skip=known)}
     _atomic_write_bytes(tmp / COMPLETE, json.dumps(
         {"step": int(step), "time": time.time(), "format": FORMAT, "layout": meta["layout"],
-         "files": integrity.file_checksums(tmp)}, indent=1).encode())
+         "files": dict(sorted(files.items()))}, indent=1).encode())
     _fsync_dir(tmp)
     replaced = None
     if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
@@ -636,6 +640,10 @@ def save_checkpoint(root: Union[str, Path], step: int, model_chunks: Sequence[to
     # Tagged JSON, not a pickle: reading it back runs no code (training/safe_state.py).
     _atomic_write_bytes(rank_dir / rank_file_name(rank), safe_state.dumps(
         {"layout": layout, "rng": capture_rng_state(), RANK_LOCAL: rank_local}))
+    # Each rank checksums what it wrote (in parallel); rank 0 adds the common files.
+    sums = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(sums, integrity.file_checksums(
+        tmp, only=integrity.own_files(tmp, rank)))
     layouts = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(layouts, layout)
     if rank == 0:
@@ -644,7 +652,9 @@ def save_checkpoint(root: Union[str, Path], step: int, model_chunks: Sequence[to
             (tmp / "config.yaml").write_text(config_yaml)
     torch.distributed.barrier()  # every rank's files are on disk
 
-    _on_rank0(lambda: _publish(root, tmp, final, step, keep_last, meta), f"publishing {final}")
+    known = {k: v for part in sums for k, v in part.items()}
+    _on_rank0(lambda: _publish(root, tmp, final, step, keep_last, meta, known),
+              f"publishing {final}")
     if rank == 0:
         log.info("saved checkpoint %s", final)
     return final

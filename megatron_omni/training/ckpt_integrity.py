@@ -14,8 +14,9 @@ hard instead.
 
 CRC-32 (zlib) catches truncation, garbage and single flipped bits; it is not a defence against a
 deliberate forgery (that is what the safe rank-state format is for: nothing in a checkpoint runs
-code). Cost: one sequential read of the checkpoint at save (rank 0) and at resume (rank 0); see
-``bench/bench_ckpt_checksum.py`` and BENCHMARKS.md.
+code). Cost: one read of the checkpoint at save and at resume, spread over the ranks (at save each
+rank checksums the files it wrote, rank 0 the few common ones; at resume rank r checks every
+world-size-th file); see ``bench/bench_ckpt_checksum.py`` and BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 COMPLETE = "complete.json"
 DAMAGED_PREFIX = "damaged_"
@@ -44,19 +45,41 @@ def crc32_file(path: Union[str, Path]) -> tuple[int, str]:
     return size, f"{crc & 0xFFFFFFFF:08x}"
 
 
-def file_checksums(directory: Union[str, Path]) -> dict[str, dict]:
-    """Size and CRC-32 of every file under ``directory`` except ``complete.json`` itself."""
+def list_files(directory: Union[str, Path]) -> list[str]:
+    """Relative paths of every file under ``directory`` except ``complete.json``, sorted."""
     root = Path(directory)
-    out = {}
+    out = []
     for dirpath, _, names in os.walk(root):
-        for n in sorted(names):
-            p = Path(dirpath) / n
-            rel = p.relative_to(root).as_posix()
-            if rel == COMPLETE:
-                continue
-            size, crc = crc32_file(p)
-            out[rel] = {"size": size, "crc32": crc}
-    return dict(sorted(out.items()))
+        for n in names:
+            rel = (Path(dirpath) / n).relative_to(root).as_posix()
+            if rel != COMPLETE:
+                out.append(rel)
+    return sorted(out)
+
+
+def file_checksums(directory: Union[str, Path], only: Optional[Iterable[str]] = None,
+                   skip: Iterable[str] = ()) -> dict[str, dict]:
+    """Size and CRC-32 of every file under ``directory`` except ``complete.json`` (or of the
+    relative paths ``only``), leaving out ``skip``."""
+    root = Path(directory)
+    skip = set(skip)
+    names = list_files(root) if only is None else sorted(only)
+    out = {}
+    for rel in names:
+        if rel in skip:
+            continue
+        size, crc = crc32_file(root / rel)
+        out[rel] = {"size": size, "crc32": crc}
+    return out
+
+
+def own_files(directory: Union[str, Path], rank: int) -> list[str]:
+    """The files a save's rank ``rank`` wrote itself (its ``__<rank>_*.distcp`` and its rank
+    state file): each rank checksums its own, in parallel, before the publish."""
+    root = Path(directory)
+    mine = [p.name for p in root.glob(f"__{int(rank)}_*.distcp")]
+    mine += [f"rank_state/{p.name}" for p in (root / "rank_state").glob(f"rank_{int(rank):05d}.*")]
+    return sorted(mine)
 
 
 def read_complete(ckpt: Union[str, Path]) -> dict:
@@ -103,21 +126,27 @@ def _structural_problems(ckpt: Path, marker: dict) -> list[str]:
     return problems
 
 
-def verify_checkpoint(ckpt: Union[str, Path], checksums: bool = True) -> list[str]:
+def verify_checkpoint(ckpt: Union[str, Path], checksums: bool = True,
+                      part: tuple[int, int] = (0, 1)) -> list[str]:
     """Problems of a published step directory, one line each naming the file (empty = fine).
 
     With ``checksums`` and a marker that records them, every recorded file is re-read and its
-    size and CRC-32 compared; files the marker does not list are ignored.
+    size and CRC-32 compared; files the marker does not list are ignored. ``part=(i, n)``
+    checks only the i-th of n interleaved shares of the files (and the structural checks only
+    for i == 0), so n ranks verify a checkpoint together, each reading 1/n of it.
     """
     ckpt = Path(ckpt)
+    i, n = part
     try:
         marker = read_complete(ckpt)
     except ValueError as e:
-        return [str(e)]
-    problems = _structural_problems(ckpt, marker)
+        return [str(e)] if i == 0 else []
+    problems = _structural_problems(ckpt, marker) if i == 0 else []
     files = marker.get("files")
     if checksums and isinstance(files, dict):
-        for rel, want in files.items():
+        for k, (rel, want) in enumerate(sorted(files.items())):
+            if k % n != i:
+                continue
             p = ckpt / rel
             if not p.is_file():
                 if not any(x.startswith(f"{p}:") for x in problems):

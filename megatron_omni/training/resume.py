@@ -5,7 +5,8 @@
   a full disk leaves one behind; while it stays, the disk stays full); the outcome is broadcast so
   every rank raises the same error.
 * :func:`choose_checkpoint`: which checkpoint to resume from. Auto-resume (newest complete
-  checkpoint of ``training.save``) verifies it first (``ckpt_integrity.verify_checkpoint``); a
+  checkpoint of ``training.save``) verifies it first (``ckpt_integrity.verify_checkpoint``, the
+  files shared out over the ranks); a
   damaged one is reported (which file, what is wrong), renamed ``damaged_step_*`` (never
   deleted) and the next older one is tried. ``training.load`` (an explicit choice) fails hard.
 * :func:`check_data_parallel_size`: the data loaders' positions are per data-parallel rank
@@ -72,8 +73,7 @@ def choose_checkpoint(cfg, printer: Callable[[str], None]) -> Optional[Path]:
     tr = cfg.training
     if tr.load is not None:
         path = ckpt.resolve_checkpoint(tr.load)
-        problems = _broadcast(integrity.verify_checkpoint(path, tr.verify_checkpoint)
-                              if _rank() == 0 else None)
+        problems = _verify_together(path, tr.verify_checkpoint)
         if problems:
             raise ckpt.CheckpointError(
                 f"training.load={tr.load}: {path} is damaged:{integrity.describe(problems)}\n"
@@ -85,17 +85,15 @@ def choose_checkpoint(cfg, printer: Callable[[str], None]) -> Optional[Path]:
     set_aside_here = []
     while True:
         found = ckpt.find_latest(tr.save) if _rank() == 0 else None
-        problems = (integrity.verify_checkpoint(found, tr.verify_checkpoint)
-                    if found is not None else [])
+        found_s = _broadcast(str(found) if found is not None else None)
+        problems = _verify_together(found_s, tr.verify_checkpoint) if found_s else []
         aside = None
-        if problems:
+        if problems and _rank() == 0:
             try:
-                aside = str(integrity.set_aside(found))
+                aside = str(integrity.set_aside(Path(found_s)))
             except OSError as e:
                 problems.append(f"(could not rename it: {e})")
-        verdict = _broadcast((str(found) if found is not None else None, problems, aside)
-                             if _rank() == 0 else None)
-        found_s, problems, aside = verdict
+        problems, aside = _broadcast((problems, aside))
         if found_s is None:
             _refuse_fresh_start_over_damaged(tr.save, set_aside_here)
             return None
@@ -111,6 +109,18 @@ def choose_checkpoint(cfg, printer: Callable[[str], None]) -> Optional[Path]:
         log.error(msg)
         if _rank() == 0 or _is_last():
             printer(msg)
+
+
+def _verify_together(path, checksums: bool) -> list[str]:
+    """Every rank checks a share of the files (``verify_checkpoint(part=...)``); the union of
+    the problems, identical on every rank."""
+    if not torch.distributed.is_initialized():
+        return integrity.verify_checkpoint(path, checksums)
+    world = torch.distributed.get_world_size()
+    mine = integrity.verify_checkpoint(path, checksums, part=(_rank(), world))
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, mine)
+    return [p for part in everyone for p in part]
 
 
 def _refuse_fresh_start_over_damaged(save, set_aside_here: list) -> None:

@@ -14,6 +14,7 @@ from dist_utils import run_workers
 
 from megatron_omni.data.preprocess import preprocess
 from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
+from megatron_omni.training.ckpt_integrity import verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
@@ -88,6 +89,12 @@ def test_dp_ranks_read_disjoint_slices_and_resize_is_refused(data, dp1, tmp_path
     # STEPS steps cover more than an epoch of the small dataset: every training sample.
     assert {m: len(k) for m, k in one.items()} == data["written"]
     assert sorted(r["dp_rank"] for r in dp2.values()) == [0, 1]
+    # Both ranks' checkpoint files carry the checksums their ranks computed, and verify.
+    step = tmp_path / "dp2" / f"step_{STEPS:08d}"
+    files = json.loads((step / "complete.json").read_text())["files"]
+    assert {"rank_state/rank_00000.json", "rank_state/rank_00001.json"} <= set(files)
+    assert any(f.startswith("__1_") for f in files) and any(f.startswith("__0_") for f in files)
+    assert verify_checkpoint(step) == []
     a, b = (keys_by_modality(dp2[r]["read"]) for r in (0, 1))
     for m in one:
         assert a[m] and b[m] and not (a[m] & b[m]), (m, a[m] & b[m])  # disjoint slices
