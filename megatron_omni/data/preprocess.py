@@ -40,7 +40,9 @@ Validation, per line, cheapest first; the first failure skips the line with a re
 4. media headers are probed (:class:`~megatron_omni.data.media.MediaProcessor` planning calls:
    image size with the pixel cap -> ``image_too_large``, aspect ratio -> ``bad_aspect_ratio``,
    video container / stream / frame count -> ``unreadable_video``, audio header ->
-   ``unreadable_audio``; audio longer than ``max_audio_seconds`` -> ``audio_too_long``);
+   ``unreadable_audio``; audio longer than ``max_audio_seconds`` -> ``audio_too_long``,
+   shorter than ``min_audio_seconds`` -> ``audio_too_short``, a WAV whose header promises more
+   data bytes than the file holds -> ``audio_size_mismatch``);
 5. **cheap image verify** (``verify_images``, on by default): a header can be intact while the
    pixel data is cut short (a truncated JPEG). JPEGs are decoded in Pillow's draft mode (DCT
    scaling at 1/8 size, a small fraction of a full decode, result thrown away); other formats run
