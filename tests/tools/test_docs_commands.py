@@ -7,7 +7,7 @@ there, in document order, as written except:
 
 * ``python`` / ``torchrun`` are this interpreter (``-m torch.distributed.run``);
 * a training command (``-m megatron_omni.train`` without ``--help``) gets
-  ``training.train_iters=1`` appended: one step, not the recipe's 50;
+  ``training.train_iters=1 training.lr_warmup_iters=0`` appended: one step, not the recipe's 50;
 * ``ckpt/run`` (the docs' name for "a training run") is a link to the run the README's training
   command just wrote (``demo_out/runs/it3``).
 
@@ -74,7 +74,7 @@ def _argv(cmd: str) -> list[str]:
     elif argv[0] == "torchrun":
         argv[0:1] = [sys.executable, "-m", "torch.distributed.run"]
     if "megatron_omni.train" in argv and "--help" not in argv:
-        argv.append("training.train_iters=1")  # a fresh stage here: one step
+        argv += ["training.train_iters=1", "training.lr_warmup_iters=0"]  # one step
     return argv
 
 
@@ -106,7 +106,8 @@ def test_readme_and_docs_commands_work_after_demo(tmp_path):
     # The PT-3 checkpoint the IT-3 recipe starts from (demo: calibration + 100 steps).
     run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
          "-m", "megatron_omni.train", "--config", "examples/stages/tiny/pt3.yaml",
-         "stage.balance=none", "training.train_iters=1"], "PT-3 (1 step)")
+         "stage.balance=none", "training.train_iters=1", "training.lr_warmup_iters=0"],
+        "PT-3 (1 step)")
     (work / "ckpt").mkdir()
     (work / "ckpt" / "run").symlink_to(work / "demo_out" / "runs" / "it3")
 
