@@ -14,7 +14,8 @@ there, in document order, as written except:
 Not run, and listed so that a new command is never skipped silently: ``make demo`` (what this
 test reproduces in small) and ``make test`` (the suite itself), and commands that need weights
 downloaded from a hub (``--llama``/``--qwen2vl``/``--funasr``/``--release`` sources, ``...``
-placeholders).
+placeholders) or a public dataset (``omni-convert-data`` and the commands that read its
+output).
 """
 
 import os
@@ -49,22 +50,35 @@ def doc_commands() -> list[tuple[str, str]]:
                 cmd = re.sub(r"\s+#.*$", "", line).strip()
                 if cmd and not cmd.startswith("#"):
                     out.append((doc.name, cmd))
+        # Indented (4-space) command lines outside fenced blocks.
+        outside = re.sub(r"```.*?```", "", text, flags=re.S)
+        outside = re.sub(r"\\\n\s+", " ", outside)
+        for m in re.finditer(r"^    ((?:python|torchrun|omni-convert-data|make)\b.*)$", outside,
+                             flags=re.M):
+            out.append((doc.name, re.sub(r"\s+#.*$", "", m.group(1)).strip()))
     return out
 
 
-def classify(cmd: str) -> str:
-    if cmd in NOT_RUN:
-        return "not_run"
-    if NEEDS_DOWNLOADS.search(cmd):
-        return "downloads"
-    return "run"
+EXTERNAL_DATA = re.compile(r"^omni-convert-data\b")
 
 
-def test_every_command_is_classified():
-    cmds = doc_commands()
-    assert any("megatron_omni.train" in c for _, c in cmds)
-    for _, c in cmds:
-        assert classify(c) in ("not_run", "downloads", "run"), c
+def classify(cmds: list[tuple[str, str]]) -> list[str]:
+    """Per command: "run", "not_run" (NOT_RUN), "downloads" (weights from a hub, a public
+    dataset to convert, or the output of such a command)."""
+    kinds, external = [], set()
+    for _, cmd in cmds:
+        argv = shlex.split(cmd)
+        uses_external = any(a in external or any(a.startswith(e + "/") for e in external)
+                            for a in argv)
+        if cmd in NOT_RUN:
+            kinds.append("not_run")
+        elif NEEDS_DOWNLOADS.search(cmd) or EXTERNAL_DATA.search(cmd) or uses_external:
+            kinds.append("downloads")
+            if "--out" in argv:
+                external.add(argv[argv.index("--out") + 1])
+        else:
+            kinds.append("run")
+    return kinds
 
 
 def _argv(cmd: str) -> list[str]:
@@ -112,8 +126,8 @@ def test_readme_and_docs_commands_work_after_demo(tmp_path):
     (work / "ckpt" / "run").symlink_to(work / "demo_out" / "runs" / "it3")
 
     ran, skipped = [], []
-    for doc, cmd in doc_commands():
-        kind = classify(cmd)
+    cmds = doc_commands()
+    for (doc, cmd), kind in zip(cmds, classify(cmds)):
         if kind != "run":
             skipped.append((doc, cmd, kind))
             continue
