@@ -37,8 +37,14 @@ rank-local state exactly; with deterministic kernels the loss curve continues bi
 optimizer and scheduler still load (resharded); rank-specific state cannot map one-to-one, so the
 RNGs are re-seeded from (seed, step, pipeline rank) and the rank-local state is taken from a
 saved rank with the same data-parallel rank when the data-parallel size is unchanged, else it is
-None and the caller must rebuild its data position from global counters (see
-``extra[META_KEY]['rank_local_source']``).
+None (see ``extra[META_KEY]['rank_local_source']``); the trainer then refuses the resume unless
+``training.on_dp_change=restart_data`` (``training/resume.py``), since Energon's per-rank loader
+positions do not map onto another data-parallel size.
+
+Integrity: ``complete.json`` lists size + CRC-32 of every file (each rank checksums the files it
+wrote, rank 0 the rest) and ``training/ckpt_integrity.py`` verifies them before a resume. Rank
+state files are tagged JSON (``training/safe_state.py``): reading one never runs code; the old
+pickled ``rank_XXXXX.pt`` files are read only with ``MEGATRON_OMNI_TRUST_PICKLED_RANK_STATE=1``.
 
 Publishing is atomic: every rank writes into ``tmp_step_XXXXXXXX``; after a barrier rank 0 writes
 ``complete.json``, renames the directory to ``step_XXXXXXXX``, rewrites ``latest`` and only then
