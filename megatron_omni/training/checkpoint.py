@@ -96,6 +96,12 @@ megatron-core bugs worked around here (megatron-core 0.16.1):
    :func:`_restore_zero_common_step` puts the 0 back before loading.
 5. The distributed optimizer's default sharding type is rejected by dist_checkpointing
    ("flattened_range is not supported"): we always pass ``fully_reshardable``.
+6. ``filesystem_async._get_write_results_queue`` (used by every torch_dist save, async or not)
+   starts a ``multiprocessing`` manager server process (spawn) on the first save and keeps it for
+   the process's life; when the rank is SIGKILLed (OOM killer, ``kill -9``, a node agent) that
+   server and its resource tracker are orphaned and run on (idle) until someone kills them.
+   Fix: :func:`_own_results_queue` creates that queue first, from a manager whose server asks the
+   kernel to end it with its parent (``prctl(PR_SET_PDEATHSIG)``, Linux; elsewhere unchanged).
 """
 
 from __future__ import annotations
@@ -517,6 +523,40 @@ def _check_common_loadable(obj: Any, what: str) -> None:
         ) from e
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Manager-server initializer: SIGTERM this process when its parent dies (Linux)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _own_results_queue() -> None:
+    """Work-around 6 of the module docstring: megatron-core's write-results queue from a
+    manager that dies with this process."""
+    import multiprocessing as mp
+    import sys
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if fa._results_queue is not None or not sys.platform.startswith("linux"):
+        return
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+    fa._results_queue = manager.Queue()
+    _OWN_MANAGER.append(manager)  # keep it referenced for the process's life
+
+
+_OWN_MANAGER: list = []
+
+
 def _save_strategy():
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
@@ -639,6 +679,7 @@ def save_checkpoint(root: Union[str, Path], step: int, model_chunks: Sequence[to
         tmp.mkdir()
 
     _on_rank0(prepare, f"creating {tmp}")
+    _own_results_queue()
     dist_checkpointing.save(sd, str(tmp), sharded_strategy=_save_strategy())
 
     rank_dir = tmp / RANK_DIR

@@ -256,3 +256,51 @@ def test_loaders_never_guess_the_data_parallel_rank(monkeypatch):
     monkeypatch.setattr(ps, "get_data_parallel_rank", broken)
     with pytest.raises(RuntimeError, match="data-parallel group not built"):
         loaders._dp_from_megatron()
+
+
+def test_checkpoint_writer_processes_end_with_a_sigkilled_rank(tmp_path):
+    """megatron-core's checkpoint writer keeps a multiprocessing manager (+ resource tracker)
+    alive after the first save; they must not outlive a rank killed with SIGKILL."""
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    script = tmp_path / "save_then_wait.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        import conftest  # noqa: F401  (fast megatron import, one thread)
+        from training.test_reliability import make_trainer
+
+        def main():
+            import psutil
+            from dist_utils import free_port
+            from megatron_omni.config import ParallelConfig
+            from megatron_omni.parallel import runtime
+            runtime.initialize(ParallelConfig(), seed=1,
+                               env=runtime.DistEnv(0, 1, 0, "127.0.0.1", free_port(), "single"))
+            t, _ = make_trainer({str(tmp_path / 'run')!r}, "training.train_iters=1")
+            t.train()
+            print(" ".join(str(c.pid) for c in psutil.Process().children(recursive=True)),
+                  flush=True)
+            time.sleep(600)
+
+        if __name__ == "__main__":
+            main()
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        kids = [int(x) for x in proc.stdout.readline().split()]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert kids, "no writer processes were started (nothing to check)"
+    deadline = time.time() + 10
+    alive = kids
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in kids if psutil.pid_exists(p)
+                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    for p in alive:  # do not leave them behind if the check fails
+        psutil.Process(p).kill()
+    assert not alive, f"processes {alive} outlived the SIGKILLed rank"
