@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_omni.config.schema import ConfigError  # noqa: E402
 from megatron_omni.plan import (COMPUTE_EFFICIENCY, DEFAULT_GLOBAL_BATCH,  # noqa: E402
                                 FIXED_OVERHEAD_GIB, GPUS, PRESETS, TP_EXPOSED_FRACTION, Layout,
-                                Workload, calibration_table, format_calibration, format_plan,
+                                Workload, calibration_table, check_recipe, format_calibration,
+                                format_plan,
                                 format_suggestions, image_grid, load_model_config, plan, suggest)
 from megatron_omni.training.flops import audio_encoder_frames  # noqa: E402
 
@@ -114,11 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
                           "smallest-GPU-count layouts that fit, fastest first")
     out.add_argument("--top", type=int, default=5, help="layouts --suggest prints (default 5)")
     out.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    out.add_argument("--check-recipe", action="store_true",
+                     help="with --config and --gpus: plan the recipe over its data mix (rows per "
+                          "modality group, encoders on the first stage) and compare it with the "
+                          "best layouts found (memory: the heaviest rows under 90%%)")
+    out.add_argument("--data", metavar="DIR",
+                     help="with --check-recipe: take the mix from a prepared dataset's stored "
+                          "per-sample counts (tools/preprocess_data.py output) instead of the "
+                          "stated defaults")
     out.add_argument("--calibration", action="store_true",
                      help="print the planner vs every published Megatron-Core H100 row and exit")
     p.epilog = (f"Constants: fixed overhead {FIXED_OVERHEAD_GIB} GiB per GPU, compute efficiency "
                 f"{COMPUTE_EFFICIENCY}; see megatron_omni/plan.py.")
     return p
+
+
+def _merge_mix(mix):
+    out: dict = {}
+    for w, label in mix:
+        out[label] = out.get(label, 0.0) + w
+    return [(w, k) for k, w in out.items()]
 
 
 def main(argv=None) -> int:
@@ -158,6 +174,19 @@ def main(argv=None) -> int:
         frames = [audio_encoder_frames(args.audio_seconds)] * args.audio_clips
         workload = Workload(seq, args.samples_per_row, tuple(grids), tuple(frames))
         name = args.model or Path(args.config).name
+
+        if args.check_recipe:
+            if args.gpus is None:
+                raise ConfigError("--check-recipe needs --gpus")
+            own, best = check_recipe(cfg, args.gpus, args.data, args.top, args.gpu)
+            top = max([own] + best, key=lambda p: (p.fits, p.tokens_per_s_per_gpu))
+            print(f"{name} on {args.gpus} x {GPUS[args.gpu].name}; row mix: "
+                  + ", ".join(f"{lab} {w:.0%}" for w, lab in _merge_mix(own.mix)))
+            print(format_plan(own))
+            print(f"\nbest layouts over the same mix (the recipe: "
+                  f"{own.tokens_per_s_per_gpu / top.tokens_per_s_per_gpu:.1%} of the best):")
+            print(format_suggestions(best))
+            return 0
 
         if args.suggest:
             gb = args.global_batch or DEFAULT_GLOBAL_BATCH

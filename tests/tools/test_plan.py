@@ -23,8 +23,10 @@ from pathlib import Path
 import pytest
 
 from megatron_omni.config import AudioConfig, LLMConfig, VisionConfig, load_config
-from megatron_omni.plan import (CALIBRATION, CALIBRATION_TOLERANCE, INTERCONNECTS, GiB, Layout,
-                                Workload, calibration_table, cp_comm_seconds,
+from megatron_omni.config.schema import ConfigError
+from megatron_omni.plan import (CALIBRATION, CALIBRATION_TOLERANCE, GiB, Layout, Workload,
+                                balanced_first_stage_layers, calibration_table, check_recipe,
+                                cp_comm_seconds, plan_mix, recipe_workloads,
                                 cross_entropy_seconds, dp_comm_seconds, dp_exposed_seconds,
                                 format_plan, image_grid, inflight_counts, llm_num_params,
                                 load_model_config, optimizer_seconds, p2p_seconds, plan,
@@ -652,3 +654,107 @@ def test_inflight_columns_never_run_together():
     cells = line.split()[4:]
     assert cells == ["/".join(str(c) for c in s.inflight) for s in p.stages], line
     assert len(cells) == 2 and all(len(c.split("/")) == 20 for c in cells)
+
+
+# ------------------------------------------------------------------------------------------------
+# A recipe's data mix and the shipped recipes' layouts
+# ------------------------------------------------------------------------------------------------
+
+def test_recipe_workloads_follow_the_groups_and_the_text_share():
+    cfg = load_model_config(config=str(REPO / "examples/stages/72b/it3.yaml"))
+    work = recipe_workloads(cfg, rows_per_modality=2)
+    assert sum(w for w, _, _ in work) == pytest.approx(1.0)
+    share = {}
+    for w, _, label in work:
+        share[label] = share.get(label, 0.0) + w
+    mods, r = cfg.data.modalities, cfg.data.pure_text_ratio
+    # text: its own group + pure_text_ratio of every other group
+    assert share["text"] == pytest.approx(1 / len(mods) + r * (len(mods) - 1) / len(mods))
+    for m in mods:
+        if m != "text":
+            assert share[m] == pytest.approx((1 - r) / len(mods))
+    by = {label: w for _, w, label in work}
+    assert by["video"].vision_grids and not by["text"].vision_grids
+    assert by["audio"].audio_frames and by["audio"].samples_per_row > 5
+    # deterministic
+    again = recipe_workloads(cfg, rows_per_modality=2)
+    assert [(w, x.vision_grids, x.audio_frames) for w, x, _ in again] == \
+        [(w, x.vision_grids, x.audio_frames) for w, x, _ in work]
+
+
+def test_dataset_counts_drive_the_mix(tmp_path):
+    import io
+    import tarfile
+    cfg = load_model_config(config=str(REPO / "examples/stages/9b/pt1.yaml"))
+    for mod, rec in (("image", {"num_tokens": 1100, "image_grid_thw": [[1, 56, 64]],
+                                "video_grid_thw": [], "audio_num_samples": []}),
+                     ("audio", {"num_tokens": 300, "image_grid_thw": [], "video_grid_thw": [],
+                                "audio_num_samples": [16000 * 12]})):
+        (tmp_path / mod).mkdir()
+        with tarfile.open(tmp_path / mod / "train-000000.tar", "w") as tar:
+            for i in range(6):
+                data = json.dumps({"key": f"{mod}-{i}", **rec}).encode()
+                info = tarfile.TarInfo(f"{mod}-{i:09d}.json")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                extra = tarfile.TarInfo(f"{mod}-{i:09d}.img0.json")  # a media part, not a sample
+                extra.size = 2
+                tar.addfile(extra, io.BytesIO(b"{}"))
+    work = recipe_workloads(cfg, tmp_path, rows_per_modality=1)
+    by = {label: w for _, w, label in work}
+    # 6 images of 1100 tokens: 3 per 4096-token row; 6 clips of 300 tokens in one row
+    assert by["image"].vision_grids == ((1, 56, 64),) * 3
+    assert by["audio"].audio_frames == (audio_encoder_frames(12.0),) * 6
+    with pytest.raises(ConfigError, match="no training shards"):
+        recipe_workloads(load_model_config(config=str(REPO / "examples/stages/9b/it3.yaml")),
+                         tmp_path)
+
+
+def test_plan_mix_averages_time_and_keeps_the_worst_memory():
+    cfg = load_model_config(config=str(REPO / "examples/stages/72b/it3.yaml"))
+    lay = Layout(tp=8, pp=4, dp=8, global_batch=160)  # even split: video rows slow stage 0
+    text, video = Workload(8192), Workload(8192, 1, (image_grid(532, 532, 32),))
+    pt, pv = (plan(cfg, lay, w, precision="fp8") for w in (text, video))
+    mix = plan_mix(cfg, lay, [(3.0, text, "text"), (1.0, video, "video")], precision="fp8")
+    assert mix.peak_bytes == pytest.approx(max(pt.peak_bytes, pv.peak_bytes))
+    s0 = mix.stages[0].micro_batch_time
+    assert s0 == pytest.approx(0.75 * pt.stages[0].micro_batch_time
+                               + 0.25 * pv.stages[0].micro_batch_time)
+    assert pt.step_time <= mix.step_time < pv.step_time
+    m = lay.num_micro_batches
+    assert mix.step_time == pytest.approx(
+        (m + 3) * max(s.micro_batch_time for s in mix.stages)
+        + max(s.times["dp"] + s.times["optimizer"] for s in mix.stages))
+
+
+def test_balanced_first_stage_by_hand():
+    cfg = load_model_config(config=str(REPO / "examples/stages/72b/it3.yaml"))
+    work = recipe_workloads(cfg, rows_per_modality=1)
+    lay = Layout(tp=8, pp=4, dp=8, global_batch=160)
+    p = plan_mix(cfg, lay, work, precision="fp8")
+    per_layer = p.stages[1].micro_batch_time / 20
+    enc = p.stages[0].micro_batch_time - 20 * per_layer
+    ideal = (80 - 3 * enc / per_layer) / 4
+    f = balanced_first_stage_layers(cfg, lay, work, precision="fp8")
+    assert (80 - f) % 3 == 0 and abs(f - ideal) <= 1.5 and f < 20
+    assert balanced_first_stage_layers(cfg, Layout(tp=8, pp=4, vpp=5, dp=8, global_batch=160),
+                                       work, precision="fp8") is None
+
+
+RECIPE_GPUS = {"9b": 64, "72b": 256}
+
+
+@pytest.mark.parametrize("size", sorted(RECIPE_GPUS))
+def test_every_shipped_recipe_is_within_5_percent_of_the_best_layout(size):
+    gpus = RECIPE_GPUS[size]
+    assert f"--gpus {gpus}" in (REPO / f"examples/stages/{size}/base.yaml").read_text()
+    print()
+    for stage in ("pt1", "pt2", "pt3", "it1", "it2", "it3"):
+        cfg = load_model_config(config=str(REPO / f"examples/stages/{size}/{stage}.yaml"))
+        own, best = check_recipe(cfg, gpus, top=1)
+        assert own.fits, (size, stage, own.peak_bytes / GiB)
+        top = max([own] + best, key=lambda p: p.tokens_per_s_per_gpu)
+        ratio = own.tokens_per_s_per_gpu / top.tokens_per_s_per_gpu
+        print(f"{size} {stage}: {own.layout.describe()} {own.tokens_per_s_per_gpu:.0f} tok/s/GPU, "
+              f"best {top.layout.describe()} {top.tokens_per_s_per_gpu:.0f} ({ratio:.1%})")
+        assert ratio >= 0.95, (size, stage, ratio, top.layout)
