@@ -1118,7 +1118,7 @@ def plan(cfg: OmniConfig, layout: Layout, workload: Optional[Workload] = None, g
 # A recipe's data mix: rows per modality group, encoder work on the first stage
 # ------------------------------------------------------------------------------------------------
 
-DEFAULT_MIX_SAMPLES = """Stated per-sample defaults when no prepared dataset is given (uniform draws):
+DEFAULT_MIX_SAMPLES = """Stated per-sample defaults without a prepared dataset (uniform draws):
 text 200-8000 tokens; image: one image of 100-2560 LLM tokens + 34-94 text/template tokens;
 video: 16 frames (8 temporal patches) of 1024-6144 LLM tokens in all + 24-74 tokens; audio: one
 clip of 5-15 s (256 LLM tokens) + 24-74 tokens; interleaved: 3 images of 256-1024 tokens each +
