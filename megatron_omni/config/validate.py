@@ -28,8 +28,11 @@ def llm_layers_per_stage(num_layers: int, pp: int, first_stage: Optional[int], v
     return [first_stage] + [rest // (pp - 1)] * (pp - 1)
 
 
-def validate(cfg: OmniConfig, world_size: Optional[int] = None) -> None:
-    """Raise ConfigError with an actionable message for an inconsistent configuration."""
+def validate(cfg: OmniConfig, world_size: Optional[int] = None, training: bool = True) -> None:
+    """Raise ConfigError with an actionable message for an inconsistent configuration.
+
+    ``training=False`` checks a layout only as megatron-core could run it (the planner modelling
+    published rows): what this project cannot train yet (context parallelism) is not refused."""
     errors: list[str] = []
     p, llm = cfg.parallel, cfg.model.llm
     tp, pp, vpp, cp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
@@ -86,7 +89,7 @@ def validate(cfg: OmniConfig, world_size: Optional[int] = None) -> None:
         errors.append(
             f"data.seq_length ({cfg.data.seq_length}) must be divisible by "
             f"parallel.tensor_model_parallel_size ({tp}) under sequence_parallel")
-    if cp > 1:
+    if cp > 1 and training:
         # megatron-core's CP attention expects each rank to hold its 2*CP load-balanced slices of
         # every packed sequence (and cu_seqlens_padded to match); nothing in the data path or the
         # model slices batches that way yet, so CP > 1 would train on wrong attention.
