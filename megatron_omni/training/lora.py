@@ -154,6 +154,10 @@ class LoRAMixin:
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if _LEFT_OUT[0]:
+            for k in ("lora_A.weight", "lora_B.weight"):
+                sd.pop(f"{prefix}{k}", None)
+            return sd
         axis = {"lora_B.weight": 0} if self.lora_kind == "column" else {"lora_A.weight": 1}
         own = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
         kw = {}
@@ -171,6 +175,20 @@ class LoRAMixin:
 
 
 _CLASSES: dict[type, type] = {}
+_LEFT_OUT = [False]
+
+
+@contextlib.contextmanager
+def adapters_left_out_of_checkpoint():
+    """Within the block the adapters are absent from ``sharded_state_dict``: loading the
+    previous stage's checkpoint (which has none) into an adapted model. megatron-core cannot
+    drop a missing SwiGLU-factory tensor (the gated ``linear_fc1``'s B) from a load request, so
+    the adapters must not be requested at all; they keep their initialisation."""
+    _LEFT_OUT[0] = True
+    try:
+        yield
+    finally:
+        _LEFT_OUT[0] = False
 
 
 def _lora_class(base: type) -> type:
