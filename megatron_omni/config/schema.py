@@ -56,8 +56,11 @@ class LLMConfig:
     rotary_base: float = 500000.0
     """RoPE theta (5e5 for Llama-3)."""
 
-    rope_scaling: bool = True
-    """Apply Llama-3.1 rope frequency scaling to the rotary frequencies."""
+    rope_scaling: bool = False
+    """Apply Llama-3.1's llama3 frequency scaling on top of M-RoPE. Off for M2-omni: the
+    authors' release runs M-RoPE with plain (unscaled) rotary frequencies, and
+    ``export --format release`` refuses a checkpoint trained with scaling. The importer drops a
+    Llama-3.1 checkpoint's scaling unless this is set true explicitly (docs/conversion.md)."""
 
     rope_scaling_factor: float = 8.0
     """Llama-3.1 scaling: factor."""

@@ -27,7 +27,8 @@ from ..data.special_tokens import NUM_SPECIAL, SPECIAL_TOKENS
 from .checkpoint_io import (MegatronCheckpointReader, ShardedSafetensorsWriter, atomic_output,
                             is_lora_name)
 from .param_map import ConversionError, export_tensors, group_units, llama_links
-from .release import dtype_name, llama3_scaling, llm_hf_fields, release_config, release_links
+from .release import (check_release_expressible, dtype_name, llama3_scaling, llm_hf_fields,
+                      release_config, release_links)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ LoRA: {lora}
 
 
 def llama_hf_config(cfg, dtype: torch.dtype, token_ids: Optional[dict] = None) -> dict:
-    """transformers ``LlamaConfig`` dict for our LLM (1-D RoPE + Llama-3.1 scaling)."""
+    """transformers ``LlamaConfig`` dict for our LLM (1-D RoPE, with the llama3 scaling only if
+    the checkpoint was trained with it)."""
     out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **llm_hf_fields(cfg),
            "torch_dtype": dtype_name(dtype)}
     scaling = llama3_scaling(cfg)
@@ -104,6 +106,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "release", force: bool = False
     scale = _lora_scale(reader, lora_scale)
     lora = reader.lora_pairs()
     if fmt == "release":
+        check_release_expressible(cfg)
         links = release_links(cfg)
     else:
         links = llama_links(cfg.model.llm, ours="llm.", hf="")
@@ -138,8 +141,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "release", force: bool = False
         bar.close()
         index = writer.close()
         if fmt == "release":
-            config = release_config(cfg, llm_dtype)
-            config.update({k: v for k, v in token_ids.items() if k not in config})
+            config = release_config(cfg, llm_dtype, token_ids)
         else:
             config = llama_hf_config(cfg, llm_dtype, token_ids)
             (tmp / "README.md").write_text(_llama_readme(out.name, reader, cfg, bool(lora)))

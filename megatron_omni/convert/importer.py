@@ -163,6 +163,23 @@ def _funasr_source(path: Path) -> tuple[dict, TensorSource]:
     return conf, TensorSource.open(path, what=f"FunASR checkpoint {path}")
 
 
+def _rope_scaling_choice(source: bool, asked, where) -> bool:
+    """Whether the imported LLM keeps the source's llama3 rope scaling. M2-omni runs M-RoPE with
+    plain rotary frequencies (the authors' release cannot express the scaling), so a Llama-3.1 /
+    3.3 checkpoint's scaling is dropped unless the config sets ``model.llm.rope_scaling: true``.
+    A request for scaling on a source without it is left to the conflict check."""
+    if not source:
+        return False
+    if asked:
+        log.info("%s: keeping the checkpoint's llama3 rope scaling (model.llm.rope_scaling=true);"
+                 " a release export of the result will be refused", where)
+        return True
+    log.warning("%s: the checkpoint's config has llama3 rope scaling; M2-omni trains M-RoPE "
+                "without it (as the authors' release runs it), so it is dropped. Set "
+                "model.llm.rope_scaling=true to keep it.", where)
+    return False
+
+
 def _user_dict(req: ImportRequest) -> dict:
     data = _read_yaml(Path(req.config)) if req.config else {}
     return _merge(data, parse_overrides(req.overrides))
@@ -173,7 +190,7 @@ def build_plan(req: ImportRequest) -> ImportPlan:
     every rank calls it and gets the same answer)."""
     from .llama import llm_config_from_hf
     from .qwen2vl import vision_config_from_hf
-    from .release import LLM_DERIVED, release_links, release_model_dict
+    from .release import LLM_DERIVED, release_links, release_model_dict, release_token_ids
     from .sanm import infer_sanm_config
 
     if req.release and (req.llama or req.qwen2vl or req.funasr):
@@ -194,6 +211,7 @@ def build_plan(req: ImportRequest) -> ImportPlan:
                                               codebook=_get(user, "model.speech_codebook_size"))
         sources["release"] = (src,)
         provenance["release"] = str(req.release)
+        provenance["llama_config"] = release_token_ids(conf)
     if req.llama:
         hf, src = _llama_source(Path(req.llama))
         llm = llm_config_from_hf(hf)
@@ -202,6 +220,8 @@ def build_plan(req: ImportRequest) -> ImportPlan:
         codebook = 4096 if codebook is None else int(codebook)
         if req.extend_vocab:
             d["vocab_size"] = llm.vocab_size + NUM_SPECIAL + codebook
+        d["rope_scaling"] = _rope_scaling_choice(llm.rope_scaling,
+                                                 _get(user, "model.llm.rope_scaling"), req.llama)
         derived["model"]["llm"] = d
         sources["llama"] = (src,)
         provenance["llama"] = str(req.llama)

@@ -1,10 +1,15 @@
 """The M2-omni special tokens and the speech-token codebook, with stable ids.
 
 Special tokens are appended after the base tokenizer's vocabulary in one fixed order, so their id
-is always ``base_vocab_size + offset``. The offsets reproduce M2OMNI.md's raw ids for a Llama-3
-base vocabulary of 128256 (``<imagePatch>`` = 128268, ...); the twelve slots before ``<imagePatch>``
-and the unlisted gaps are reserved names so the offsets never move. ``<videoPatch>`` is our choice
-for the video patch token (offset 20, id 128276 on Llama-3); the paper does not name one.
+is always ``base_vocab_size + offset``. The offsets give exactly the ids the authors' release uses
+for a Llama-3.1/3.3 base vocabulary of 128256: its config code holds a table of raw ids
+(``<imagePatch>`` 128268 ... ``</gen_audio>`` 128284) and subtracts one from every id when
+``llm_type`` starts with ``llama3_1`` or ``llama3_3``, so the ids really used are ``<imagePatch>``
+= 128267 (offset 11) ... ``</gen_audio>`` = 128283 (offset 27). The eleven slots before
+``<imagePatch>`` and the unlisted gaps are reserved names so the offsets never move.
+``<videoPatch>`` (the release processor's name for the video patch token; its config calls the
+id ``frame_patch_token``) sits in offset 20 (id 128276 on Llama-3), one of the two slots the
+release's table leaves free between ``</gen_image>`` and ``<end_of_audio>``.
 
 After the special tokens come the speech-output codes ``<speech_0>`` ... ``<speech_{K-1}>``
 (a CosyVoice-style codebook, K = 4096 by default), also with fixed offsets.
@@ -16,23 +21,25 @@ from dataclasses import dataclass
 
 # Offset from the base vocabulary size -> token string. Order is part of the checkpoint format.
 _NAMED = {
-    12: "<imagePatch>",
-    13: "<image>",
-    14: "</image>",
-    15: "<video>",
-    16: "</video>",
-    17: "<gen_imagePatch>",
-    18: "<gen_image>",
-    19: "</gen_image>",
+    11: "<imagePatch>",
+    12: "<image>",
+    13: "</image>",
+    14: "<video>",
+    15: "</video>",
+    16: "<gen_imagePatch>",
+    17: "<gen_image>",
+    18: "</gen_image>",
     20: "<videoPatch>",
-    22: "<end_of_audio>",
-    23: "<audioPatch>",
-    24: "<audio>",
-    25: "</audio>",
-    26: "<gen_audioPatch>",
-    27: "<gen_audio>",
-    28: "</gen_audio>",
+    21: "<end_of_audio>",
+    22: "<audioPatch>",
+    23: "<audio>",
+    24: "</audio>",
+    25: "<gen_audioPatch>",
+    26: "<gen_audio>",
+    27: "</gen_audio>",
 }
+# 29 slots (offsets 19 and 28 stay reserved too), so the speech codes and every vocabulary size
+# built on ``base + 29 + codebook`` are unchanged.
 NUM_SPECIAL = 29
 SPECIAL_TOKENS: list[str] = [
     _NAMED.get(i, f"<|omni_reserved_{i}|>") for i in range(NUM_SPECIAL)
@@ -40,7 +47,8 @@ SPECIAL_TOKENS: list[str] = [
 # Llama-3 chat tokens for base vocabularies that lack them (a tiny BPE, a SentencePiece model).
 # When the base tokenizer has the exact string (Llama-3's tokenizer.json does), its own id is used
 # and the slot below stays reserved; otherwise the token takes the slot ``base_vocab_size + offset``.
-# These offsets live inside the twelve reserved slots, so no other id ever moves.
+# These offsets live inside the eleven reserved slots before ``<imagePatch>``, so no other id
+# ever moves.
 CHAT_FALLBACK_OFFSETS: dict[str, int] = {
     "<|begin_of_text|>": 0,
     "<|end_of_text|>": 1,

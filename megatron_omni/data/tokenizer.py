@@ -5,7 +5,7 @@ tests) is wrapped, never modified. Everything M2-omni adds is *appended* after i
 stable ids (see ``special_tokens.py``)::
 
     [0, base)                         the base vocabulary, as the base tokenizer defines it
-    [base, base + 29)                 M2-omni special tokens (12 reserved slots first)
+    [base, base + 29)                 M2-omni special tokens (11 reserved slots first)
     [base + 29, base + 29 + K)        speech codes <speech_0> ... <speech_{K-1}>
 
 The Llama-3 chat tokens (``<|begin_of_text|>``, ``<|end_of_text|>``, ``<|start_header_id|>``,

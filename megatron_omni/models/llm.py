@@ -8,7 +8,8 @@ deprecated in favour of HybridModel, which has no M-RoPE, so the rest of megatro
 
 What we add on top of GPTModel:
 
-* Llama-3.1 rope-frequency scaling applied to the M-RoPE frequencies (megatron-core applies it
+* optional Llama-3.1 rope-frequency scaling of the M-RoPE frequencies (``model.llm.rope_scaling``,
+  off by default: the authors' release runs unscaled M-RoPE; megatron-core applies the scaling
   only to 1-D RoPE);
 * 1-D position ids accepted and broadcast to the 3 M-RoPE rows (text-only batches);
 * packed rows: THD ``PackedSeqParams`` whose segments restart positions, checked for shape.

@@ -2,8 +2,9 @@
 
 The slow round trip builds tiny random transformers models (Llama with llama3 rope scaling and
 GQA, sharded safetensors; a Qwen2-VL; a FunASR SAN-M state dict), imports them together at
-TP=2 x PP=2 (the tool launches 4 gloo ranks), exports the result and checks every tensor against
-the originals. Fast tests run in this process.
+TP=2 x PP=2 (the tool launches 4 gloo ranks; the llama3 scaling is dropped, as for M2-omni),
+exports the result and checks every tensor against the originals. Fast tests run in this
+process.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -114,7 +116,7 @@ def make_funasr(d: Path, seed: int = 5) -> dict:
     return sd
 
 
-def fake_llama_dir(d: Path, vocab: int = 40) -> dict:
+def fake_llama_dir(d: Path, vocab: int = 40, rope_scaling: Optional[dict] = None) -> dict:
     """A small Llama directory written without transformers (random tensors of the right
     shapes): for the refusal tests."""
     from megatron_omni.convert.llama import megatron_to_hf
@@ -140,7 +142,8 @@ def fake_llama_dir(d: Path, vocab: int = 40) -> dict:
     (d / "config.json").write_text(json.dumps({
         "model_type": "llama", "vocab_size": vocab, "hidden_size": h, "intermediate_size": f,
         "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False}))
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+        "rope_scaling": rope_scaling}))
     save_file(sd, str(d / "model.safetensors"))
     return sd
 
@@ -361,31 +364,212 @@ def test_lora_pairs_and_merge():
         merge_lora(w, a, b.t(), 1.0)
 
 
+# The authors' config.json format. Field names and nesting learned by reading their public source
+# (GitHub alipay/Ant-Multi-Modal-Framework, prj/M2_omni/models; it cannot run here: it needs
+# transformers 4.45 and funasr):
+#   top level      configuration_m2omni.py, Bailing2Config.__init__: vision_config, audio_config,
+#                  llm_config, use_vit_lora, use_llm_lora, mlp_depths (depth of BOTH projectors),
+#                  select_layer, num_query_token_{image,video,audio},
+#                  num_decoder_{image,audio}_token; the attributes it sets: vision_type, llm_type
+#                  and the special-token ids of init_mm_special_tokens (its table minus 1 for
+#                  llm_type llama3_1* / llama3_3*); frame_patch_token is read by
+#                  modeling_m2omni.py (get_rope_index, prompt_wrap_video) from config.json.
+#   audio_config   configuration_m2omni.py, Bailing2AudioConfig.__init__ (the audio_* fields).
+#   vision_config  configuration_qwen2_vit.py, Qwen2VLVisionConfig.__init__.
+#   llm_config     configuration_llama_3d.py, Llama3dConfig.__init__, + llm_type (Bailing2Config
+#                  picks Llama3dConfig when it is "llama3_1_3d"); rope_scaling type "mrope",
+#                  which Llama3dConfig turns into "default" (plain rotary frequencies).
+# model_type values are the classes' own (what their to_dict writes). Left out: the generic
+# PretrainedConfig keys save_pretrained adds (return_dict, output_hidden_states,
+# transformers_version, ...), which every config class reads with defaults, and
+# _attn_implementation (not serialised). Sizes are tiny; the vocabulary is Llama-3's 128256 + 29
+# special tokens + 64 speech codes, so the ids are the release's real ones.
+RELEASE_FIXTURE = Path(__file__).parent / "fixtures" / "m2omni_release_config.json"
+
+
+def _same_tree(got, want, path="") -> list[str]:
+    """Differences between two config trees: keys missing/extra at any level, unequal values."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        out = [f"{path}{k}: missing" for k in want if k not in got]
+        out += [f"{path}{k}: not in the release format" for k in got if k not in want]
+        for k in want.keys() & got.keys():
+            out += _same_tree(got[k], want[k], f"{path}{k}.")
+        return out
+    return [] if got == want else [f"{path[:-1]}: {got!r} != {want!r}"]
+
+
+def test_release_fixture_imports_and_exports_key_for_key(single_rank, tmp_path):
+    """Issue #9: a config.json in the authors' format is read by `import --release` (with
+    weights of its shapes) and `export --format release` writes it back key for key, our
+    `megatron_omni` block aside; the audio projector depth comes from mlp_depths."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_omni.convert.release import (build_model_from_release, omni_config_from_release,
+                                               omni_to_release_state)
+    from megatron_omni.models.omni import special_token_ids
+
+    conf = json.loads(RELEASE_FIXTURE.read_text())
+    cfg = omni_config_from_release(conf)
+    m = cfg.model
+    assert (m.projector.vision_depth, m.projector.audio_depth) == (2, 2)
+    assert (m.audio.hidden_size, m.audio.num_heads, m.audio.ffn_hidden_size,
+            m.audio.num_blocks, m.audio.frames_per_token) == (32, 2, 64, 2, 3)
+    assert not m.llm.rope_scaling and m.llm.mrope_section == [2, 3, 3]
+    sp = special_token_ids(cfg)
+    assert (sp.base_vocab_size, sp.speech_codebook_size) == (128256, 64)
+    assert sp.video_patch == conf["frame_patch_token"]
+
+    model_parallel_cuda_manual_seed(11)
+    model, mcfg = build_model_from_release(conf)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    state = omni_to_release_state(model.state_dict(), mcfg)
+    assert "linear_proj_audio.2.weight" in state
+    rel = tmp_path / "release"
+    rel.mkdir()
+    w = ShardedSafetensorsWriter(rel, 10**9)
+    for k in sorted(state):
+        w.add(k, state[k])
+    w.close()
+    shutil.copy(RELEASE_FIXTURE, rel / "config.json")
+
+    ck, out = tmp_path / "ck", tmp_path / "export"
+    assert tool_main("import", "--release", rel, "--out", ck, "--no-progress") == 0
+    assert tool_main("export", ck, "--out", out, "--no-progress") == 0
+    exported = json.loads((out / "config.json").read_text())
+    ours = exported.pop("megatron_omni")
+    assert ours["base_vocab_size"] == 128256 and ours["format_version"] == 2
+    assert _same_tree(exported, conf) == []
+    back = load_safetensors_dir(out)
+    assert set(back) == set(state)
+    for k in state:
+        assert torch.equal(back[k], state[k]), k
+
+
+def test_release_config_reads_their_variants_and_refuses_bad_ids():
+    """What their save_pretrained writes (rope type "default"), FunASR audio names (older files)
+    and a config without mlp_depths read as the fixture; inconsistent ids and our old format are
+    refused; an explicit llama3 rope type is the only way to get scaling."""
+    import copy
+
+    from megatron_omni.config import to_dict
+    from megatron_omni.convert.release import omni_config_from_release, release_model_dict
+
+    conf = json.loads(RELEASE_FIXTURE.read_text())
+    want = to_dict(omni_config_from_release(conf).model)
+    saved = copy.deepcopy(conf)
+    saved["llm_config"]["rope_scaling"] = {"type": "default", "mrope_section": [2, 3, 3],
+                                           "rope_type": "default"}
+    saved["audio_config"] = {"input_size": 560, "output_size": 32, "attention_heads": 2,
+                             "linear_units": 64, "num_blocks": 2, "kernel_size": 11,
+                             "sanm_shfit": 0}
+    # save_pretrained also writes PretrainedConfig's generic keys; they are ignored.
+    saved.update(transformers_version="4.45.0", return_dict=True, _name_or_path="m2omni")
+    saved["llm_config"].update(output_hidden_states=False, torch_dtype="float16")
+    assert to_dict(omni_config_from_release(saved).model) == want
+    # Without mlp_depths the tensor names give the depth (of both projectors).
+    del saved["mlp_depths"]
+    d = release_model_dict(saved, keys=["linear_proj_audio.0.weight", "linear_proj_audio.2.weight"])
+    assert d["projector"] == {"vision_depth": 2, "audio_depth": 2}
+    scaled = copy.deepcopy(conf)
+    scaled["llm_config"]["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 8192}
+    assert omni_config_from_release(scaled).model.llm.rope_scaling
+    off_by_one = dict(conf, image_end_token=conf["image_end_token"] + 1)
+    with pytest.raises(ConversionError, match="image_end_token = 128270"):
+        release_model_dict(off_by_one)
+    old = dict(conf, megatron_omni={"format_version": 1, "base_vocab_size": 128256})
+    with pytest.raises(ConversionError, match="older megatron-omni"):
+        release_model_dict(old)
+
+
 def test_release_config_describes_the_model():
     from megatron_omni.config import to_dict
     from megatron_omni.convert.release import omni_config_from_release, release_config
+    from megatron_omni.models.omni import special_token_ids
     from omni_batch import tiny_omni_cfg
 
     cfg = tiny_omni_cfg("model.projector.vision_depth=2", "model.projector.audio_depth=2",
                         "model.vision.merger_hidden_size=48", "model.audio.sanm_shift=1")
     conf = release_config(cfg)
+    sp = special_token_ids(cfg)
     assert conf["model_type"] == "bailing2" and conf["mlp_depths"] == 2
     assert conf["num_query_token_audio"] == 256
-    assert conf["llm_config"]["rope_scaling"]["type"] == "mrope"
-    assert conf["audio_patch_token"] == cfg.model.llm.vocab_size - 32 - 29 + 23
+    assert conf["llm_config"]["rope_scaling"] == {"type": "mrope", "mrope_section": [2, 3, 3]}
+    assert conf["audio_patch_token"] == sp.base_vocab_size + 22 == sp.audio_patch
+    assert conf["frame_patch_token"] == sp.video_patch and "video_patch_token" not in conf
+    ac = conf["audio_config"]
+    assert all(k.startswith("audio_") for k in ac if k != "model_type")
+    assert (ac["audio_output_size"], ac["audio_sanm_shfit"], ac["audio_compress"]) == (32, 1, 3)
     back = omni_config_from_release(json.loads(json.dumps(conf)))
     mine, theirs = to_dict(cfg.model), to_dict(back.model)
     assert back.model.llm.head_dim == cfg.model.llm.head_dim
     for d in (mine, theirs):
         d["llm"].pop("kv_channels")  # None (= hidden / heads) vs the explicit head_dim
     assert mine == theirs
-    # A release without our block: ids and llm_type carry the rest.
+    # A release without our block: the ids carry the base vocabulary.
     plain = {k: v for k, v in conf.items() if k != "megatron_omni"}
-    plain["llm_config"] = dict(plain["llm_config"], rope_scaling={"type": "mrope",
-                                                                  "mrope_section": [2, 3, 3]})
     again = omni_config_from_release(plain, ["model.llm.make_vocab_size_divisible_by=64"])
-    assert again.model.speech_codebook_size == 32 and again.model.llm.rope_scaling
-    assert again.model.llm.rope_scaling_factor == 8.0
+    assert again.model.speech_codebook_size == 32 and not again.model.llm.rope_scaling
+    # What the release cannot express is refused.
+    with pytest.raises(ConversionError, match="rope scaling"):
+        release_config(tiny_omni_cfg("model.llm.rope_scaling=true"))
+    with pytest.raises(ConversionError, match="mlp_depths"):
+        release_config(tiny_omni_cfg("model.projector.vision_depth=2",
+                                     "model.projector.audio_depth=1"))
+
+
+def test_import_drops_llama3_scaling_unless_asked(tmp_path, caplog):
+    """A Llama-3.1 directory with llama3 rope scaling imports as unscaled M-RoPE (with a
+    warning) unless model.llm.rope_scaling=true asks to keep it."""
+    from megatron_omni.convert.importer import ImportRequest, build_plan
+
+    src = tmp_path / "llama31"
+    fake_llama_dir(src, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192})
+    with caplog.at_level("WARNING"):
+        plan = build_plan(ImportRequest(out=tmp_path / "a", llama=src))
+    assert not plan.cfg.model.llm.rope_scaling
+    assert "model.llm.rope_scaling=true" in caplog.text
+    plan.close()
+    kept = build_plan(ImportRequest(out=tmp_path / "b", llama=src,
+                                    overrides=["model.llm.rope_scaling=true",
+                                               "model.llm.rope_scaling_factor=8.0"]))
+    assert kept.cfg.model.llm.rope_scaling and kept.cfg.model.llm.rope_scaling_factor == 8.0
+    kept.close()
+    # Scaling asked for a source without it: the config disagrees with the checkpoint.
+    plain = tmp_path / "llama3"
+    fake_llama_dir(plain)
+    with pytest.raises(Exception, match="rope_scaling"):
+        build_plan(ImportRequest(out=tmp_path / "c", llama=plain,
+                                 overrides=["model.llm.rope_scaling=true"]))
+
+
+def test_release_export_refuses_a_scaled_checkpoint(single_rank, tmp_path, capsys):
+    """--format release exits 2 with a clear message for a checkpoint trained with llama3
+    scaling; --format llama writes the scaling it was trained with."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_omni.config import load_config
+    from megatron_omni.models.omni import OmniModel
+    from megatron_omni.training.checkpoint import save_checkpoint
+
+    cfg = load_config(None, ["model.vision.enabled=false", "model.audio.enabled=false",
+                             "model.transformer_impl=local", "model.speech_codebook_size=64",
+                             "model.llm.rope_scaling=true"])
+    model_parallel_cuda_manual_seed(3)
+    ck = tmp_path / "scaled"
+    save_checkpoint(ck, 1, [OmniModel(cfg)], cfg=cfg)
+    out = tmp_path / "release"
+    assert tool_main("export", ck, "--out", out, "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "rope scaling" in err and "--format llama" in err and _no_output(out)
+    hf = tmp_path / "llama"
+    assert tool_main("export", ck, "--out", hf, "--format", "llama", "--no-progress") == 0
+    assert json.loads((hf / "config.json").read_text())["rope_scaling"]["rope_type"] == "llama3"
 
 
 def test_release_import_export_round_trip(single_rank, tmp_path):
@@ -399,7 +583,8 @@ def test_release_import_export_round_trip(single_rank, tmp_path):
     from megatron_omni.models.omni import OmniModel
     from omni_batch import tiny_omni_cfg
 
-    cfg = tiny_omni_cfg("model.projector.vision_depth=2", "model.transformer_impl=local")
+    cfg = tiny_omni_cfg("model.projector.vision_depth=2", "model.projector.audio_depth=2",
+                        "model.transformer_impl=local")
     model_parallel_cuda_manual_seed(7)
     model = OmniModel(cfg)
     with torch.no_grad():
@@ -529,14 +714,15 @@ def converted(tmp_path_factory):
     r = run_cli("import", "--llama", root / "llama", "--qwen2vl", root / "qwen2vl",
                 "--funasr", root / "funasr", "--tp", 2, "--pp", 2, "--out", ck,
                 "--no-progress", "model.speech_codebook_size=16",
-                "model.projector.vision_depth=2", "model.llm.make_vocab_size_divisible_by=64",
+                "model.projector.vision_depth=2", "model.projector.audio_depth=2",
+                "model.llm.make_vocab_size_divisible_by=64",
                 timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     rel, hf = root / "release", root / "llama_export"
     assert tool_main("export", ck, "--out", rel, "--format", "release", "--no-progress",
                      "--max-shard-size", "200KB") == 0
     assert tool_main("export", ck, "--out", hf, "--format", "llama", "--no-progress") == 0
-    return dict(root=root, ck=ck, rel=rel, hf=hf, stdout=r.stdout,
+    return dict(root=root, ck=ck, rel=rel, hf=hf, stdout=r.stdout, stderr=r.stderr,
                 llama={k: v.detach().clone() for k, v in llama.state_dict().items()},
                 qwen={k: v.detach().clone() for k, v in qwen.state_dict().items()},
                 funasr=funasr)
@@ -554,7 +740,9 @@ def test_import_writes_a_tp2_pp2_checkpoint(converted):
     assert saved["parallel"]["pipeline_model_parallel_size"] == 2
     llm = saved["model"]["llm"]
     assert (llm["vocab_size"], llm["num_query_groups"], llm["norm_epsilon"]) == (145, 2, 1e-6)
-    assert llm["rope_scaling"] and saved["model"]["vision"]["merger_hidden_size"] == 48
+    # The source's llama3 scaling is dropped (M2-omni runs unscaled M-RoPE), with a warning.
+    assert not llm["rope_scaling"] and saved["model"]["vision"]["merger_hidden_size"] == 48
+    assert "model.llm.rope_scaling=true" in converted["stderr"]
     assert saved["model"]["audio"]["num_blocks"] == 3
     index = json.loads((step / "rank_state" / "index.json").read_text())
     assert len(index) == 4
@@ -576,7 +764,7 @@ def test_round_trip_llama_is_exact(converted):
         else:
             assert torch.equal(back[k], t), k
     conf = json.loads((converted["hf"] / "config.json").read_text())
-    assert conf["model_type"] == "llama" and conf["rope_scaling"]["rope_type"] == "llama3"
+    assert conf["model_type"] == "llama" and conf["rope_scaling"] is None  # as imported
     assert (conf["bos_token_id"], conf["eos_token_id"]) == (1, 2)
     readme = (converted["hf"] / "README.md").read_text()
     assert "t = h = w" in readme and "1-D RoPE" in readme

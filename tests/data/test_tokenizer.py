@@ -21,12 +21,13 @@ CORPUS = [
     "user assistant system café naïve",
 ] * 20
 
-# Offsets after the base vocabulary, written out (M2OMNI.md raw ids minus 128256).
+# Offsets after the base vocabulary, written out (the release's ids for a Llama-3.1/3.3 base, i.e.
+# its raw table minus one, minus 128256; <videoPatch> in a slot its table leaves free).
 EXPECTED_OFFSETS = {
-    "<imagePatch>": 12, "<image>": 13, "</image>": 14, "<video>": 15, "</video>": 16,
-    "<gen_imagePatch>": 17, "<gen_image>": 18, "</gen_image>": 19, "<videoPatch>": 20,
-    "<end_of_audio>": 22, "<audioPatch>": 23, "<audio>": 24, "</audio>": 25,
-    "<gen_audioPatch>": 26, "<gen_audio>": 27, "</gen_audio>": 28,
+    "<imagePatch>": 11, "<image>": 12, "</image>": 13, "<video>": 14, "</video>": 15,
+    "<gen_imagePatch>": 16, "<gen_image>": 17, "</gen_image>": 18, "<videoPatch>": 20,
+    "<end_of_audio>": 21, "<audioPatch>": 22, "<audio>": 23, "</audio>": 24,
+    "<gen_audioPatch>": 25, "<gen_audio>": 26, "</gen_audio>": 27,
     "<speech_0>": 29, "<speech_1>": 30, "<speech_4095>": 29 + 4095,
 }
 
@@ -118,12 +119,20 @@ def test_base_vocab_size_per_backend(files, toks):
     assert toks["sp_exact"].base_vocab_size == sp.get_piece_size() == 400
 
 
-def test_llama3_ids_match_m2omni_raw_ids():
+def test_llama3_ids_match_the_release():
+    """For a Llama-3.1/3.3 base the release uses its raw table minus one (issue #9)."""
     ids = SpecialTokenIds(128256)
-    assert (ids.image_patch, ids.image_start, ids.image_end) == (128268, 128269, 128270)
-    assert (ids.video_start, ids.video_end, ids.video_patch) == (128271, 128272, 128276)
-    assert (ids.end_of_audio, ids.audio_patch, ids.audio_start) == (128278, 128279, 128280)
-    assert (ids.gen_audio_start, ids.gen_audio_end) == (128283, 128284)
+    assert (ids.image_patch, ids.image_start, ids.image_end) == (128267, 128268, 128269)
+    assert (ids.video_start, ids.video_end) == (128270, 128271)
+    assert (ids.id("<gen_imagePatch>"), ids.id("<gen_image>"), ids.id("</gen_image>")) == (
+        128272, 128273, 128274)
+    assert (ids.end_of_audio, ids.audio_patch, ids.audio_start, ids.audio_end) == (
+        128277, 128278, 128279, 128280)
+    assert (ids.id("<gen_audioPatch>"), ids.gen_audio_start, ids.gen_audio_end) == (
+        128281, 128282, 128283)
+    # The video patch id is in one of the two slots the release's table leaves free.
+    assert ids.video_patch == 128276
+    assert ids.speech_offset == 128285 and ids.vocab_size == 128285 + 4096
 
 
 def test_chat_tokens_from_base_when_present(files, toks):
@@ -140,8 +149,8 @@ def test_chat_tokens_from_base_when_present(files, toks):
     assert max(chat.bos, chat.eos, chat.start_header, chat.end_header, chat.eot) < tok.base_vocab_size
     # The reserved slots stay reserved.
     base = tok.base_vocab_size
-    assert [tok.id_to_token(base + i) for i in range(12)] == [
-        f"<|omni_reserved_{i}|>" for i in range(12)]
+    assert [tok.id_to_token(base + i) for i in (*range(11), 19, 28)] == [
+        f"<|omni_reserved_{i}|>" for i in (*range(11), 19, 28)]
     assert tok.encode("<|eot_id|>") == [chat.eot]
 
 
@@ -158,7 +167,7 @@ def test_chat_tokens_appended_in_reserved_slots(toks, name):
         assert tok.id_to_token(base + offset) == token
     assert (tok.bos_id, tok.eos_id, tok.start_header_id, tok.end_header_id, tok.eot_id,
             tok.pad_id) == tuple(base + i for i in range(6))
-    # Slots 6..11 keep their reserved names; the ones taken no longer exist by name.
+    # Slots 6..10 keep their reserved names; the ones taken no longer exist by name.
     assert tok.token_to_id("<|omni_reserved_6|>") == base + 6
     with pytest.raises(KeyError):
         tok.token_to_id("<|omni_reserved_0|>")
@@ -188,7 +197,7 @@ def test_our_ids_win_over_a_base_that_already_has_the_string(tmp_path):
     theirs = raw.token_to_id("<image>")
     tok = load_tokenizer(path)
     assert theirs < tok.base_vocab_size
-    assert tok.encode("look <image>")[-1] == tok.base_vocab_size + 13 != theirs
+    assert tok.encode("look <image>")[-1] == tok.base_vocab_size + 12 != theirs
     assert tok.decode(tok.encode("look <image>")) == "look <image>"
 
 

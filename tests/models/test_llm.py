@@ -17,16 +17,17 @@ def tiny_cfg(*extra):
     return load_config(None, ["model.vision.enabled=false", "model.audio.enabled=false", *extra])
 
 
-def hf_llama(seed=3, vocab=512):
+def hf_llama(seed=3, vocab=512, rope_type="llama3"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    rope = {"rope_type": rope_type, "rope_theta": 500000.0}
+    if rope_type == "llama3":
+        rope.update(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=192,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=131072, tie_word_embeddings=False,
-                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
-                                       "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192})
+                      rope_parameters=rope)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
 
@@ -60,8 +61,9 @@ def test_packed_row_rejects_short_cu_seqlens(single_rank):
 
 
 def test_mrope_with_equal_indices_equals_1d_rope(single_rank):
-    """Our M-RoPE (3 equal rows) vs megatron-core's own 1-D RoPE with its llama3 scaling."""
-    cfg = tiny_cfg()
+    """Our M-RoPE (3 equal rows) with the optional llama3 scaling vs megatron-core's own 1-D
+    RoPE with its llama3 scaling."""
+    cfg = tiny_cfg("model.llm.rope_scaling=true")
     model_parallel_cuda_manual_seed(6)
     ours = build_llm(cfg).eval()
     config = llm_transformer_config(cfg)
@@ -90,6 +92,34 @@ def test_llama3_scaling_matches_transformers():
     ours = llama3_scaled_inv_freq(base, 8.0, 1.0, 4.0, 8192)
     assert torch.allclose(ours, inv_hf.float(), rtol=1e-6, atol=0)
     assert not torch.allclose(ours, base)
+
+
+def test_default_llm_is_unscaled_mrope_equal_to_hf_default_rope(single_rank):
+    """Issue #9: the omni LLM as configured by default (no llama3 scaling) equals a transformers
+    Llama with rope type "default" -- what the authors' release runs under M-RoPE -- on text,
+    with the 3 M-RoPE rows equal; the same weights with scaling on do not."""
+    hf = hf_llama(rope_type="default")
+    with torch.no_grad():  # sharper attention, so a change of rotary frequencies shows
+        for layer in hf.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    assert not tiny_cfg().model.llm.rope_scaling
+    assert not load_config("examples/stages/9b/it3.yaml").model.llm.rope_scaling
+    assert not load_config("examples/stages/72b/it3.yaml").model.llm.rope_scaling
+    ids = torch.randint(0, 512, (2, 48))
+    pos = torch.arange(48).expand(2, 48)
+    results = {}
+    for scaled in (False, True):
+        cfg = tiny_cfg(f"model.llm.norm_epsilon={hf.config.rms_norm_eps}",
+                       *(["model.llm.rope_scaling=true"] if scaled else []))
+        model = build_llm(cfg).eval()
+        load_full_llm_state(model, hf_to_megatron(hf.state_dict(), cfg.model.llm, 512))
+        with torch.no_grad():
+            results[scaled] = model(ids, pos.unsqueeze(0).expand(3, -1, -1))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, position_ids=pos).logits
+    assert (results[False] - ref).abs().max() < 1e-5
+    assert (results[True] - ref).abs().max() > 1e-3
 
 
 def test_hf_llama_parity_tp1(single_rank):
