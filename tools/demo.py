@@ -22,7 +22,7 @@ Running it again reuses the data and resumes each stage from its newest checkpoi
 stage is reported, not retrained); ``--fresh`` deletes earlier runs first.
 
     python tools/demo.py [--out demo_out] [--fresh] [--pt3-steps 100] [--it3-steps 80]
-                         [--at-steps 20]
+                         [--at-steps 30]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=48, help="synthetic samples per modality")
     p.add_argument("--pt3-steps", type=int, default=100, help="PT-3 optimizer steps")
     p.add_argument("--it3-steps", type=int, default=80, help="IT-3 optimizer steps")
-    p.add_argument("--at-steps", type=int, default=20, help="AT (DPO + LoRA) optimizer steps")
+    p.add_argument("--at-steps", type=int, default=30, help="AT (DPO + LoRA) optimizer steps")
     return p.parse_args(argv)
 
 
