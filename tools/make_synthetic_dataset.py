@@ -352,15 +352,20 @@ PREFERENCE = "preference"
 
 def _preference_lines(wr: _Writer, rng: random.Random, n: int) -> list[dict]:
     """DPO pairs in every modality, cycling image, video, audio, interleaved, text: the chosen
-    answer is the true one (colour, direction, pitch, which image, a sum), the rejected one a
-    wrong answer of the same kind, so a tiny model can learn the preference from the media."""
+    answer is the true one (colour, direction, pitch, which image, a sum). The rejected one is a
+    wrong answer of ANOTHER question's kind (a shape for a colour question, a colour for a
+    direction question, a direction for a pitch question, yes/no for "which image", a word for a
+    sum): a preference the tiny demo model learns from a few dozen pairs and carries over to
+    held-out pairs. (A wrong answer of the same kind, e.g. the wrong colour, asks the model to
+    read the media better than instruction tuning already taught it: more data than the demo
+    trains on.)"""
     out = []
     for i in range(n):
         kind = i % 5
         if kind == 0:
             shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
             rel = _save_image(wr, rng, _shape_image(rng, shape, color))
-            wrong = rng.choice([c for c in COLORS if c != color])
+            wrong = rng.choice(SHAPES)
             rec = {"prompt": "<image>\nWhat colour is the shape?", "chosen": color,
                    "rejected": wrong, "images": [rel], "task": "image_pref",
                    "meta": {"shape": shape, "color": color}}
@@ -370,7 +375,7 @@ def _preference_lines(wr: _Writer, rng: random.Random, n: int) -> list[dict]:
             frames = _moving_shape_video(rng, shape, color, direction)
             rel = wr.name("videos", "avi")
             _write_video(wr.root / rel, frames, True)
-            wrong = rng.choice([d for d in DIRECTIONS if d != direction])
+            wrong = rng.choice(list(COLORS))
             rec = {"prompt": "<video>\nWhich way does the shape move?", "chosen": direction,
                    "rejected": wrong, "videos": [rel], "task": "video_pref",
                    "meta": {"direction": direction}}
@@ -381,7 +386,7 @@ def _preference_lines(wr: _Writer, rng: random.Random, n: int) -> list[dict]:
             x, sr = _beeps(rng, pitch, count)
             rel = wr.name("audios", "wav")
             sf.write(str(wr.root / rel), x, sr, subtype="PCM_16", format="WAV")
-            wrong = rng.choice([q for q in PITCHES if q != pitch])
+            wrong = rng.choice(DIRECTIONS)
             rec = {"prompt": "<audio>\nIs the tone low, mid or high?", "chosen": pitch,
                    "rejected": wrong, "audios": [rel], "task": "audio_pref",
                    "meta": {"pitch": pitch, "beeps": count}}
@@ -393,13 +398,12 @@ def _preference_lines(wr: _Writer, rng: random.Random, n: int) -> list[dict]:
             rels = [_save_image(wr, rng, _shape_image(rng, s, c)) for s, c in ((s1, c1), (s2, c2))]
             rec = {"prompt": f"Image 1: <image>\nImage 2: <image>\nWhich image is {ask}?",
                    "chosen": "the first image" if first else "the second image",
-                   "rejected": "the second image" if first else "the first image",
+                   "rejected": rng.choice(("yes", "no")),
                    "images": rels, "task": "interleaved_pref", "meta": {"colors": [c1, c2]}}
         else:
             a, b = rng.randint(0, 49), rng.randint(0, 49)
-            wrong = a + b + rng.choice((-3, -2, -1, 1, 2, 3))
             rec = {"prompt": f"What is {a} + {b}?", "chosen": str(a + b),
-                   "rejected": str(max(wrong, 0) if wrong != a + b else a + b + 1),
+                   "rejected": rng.choice(WORDS),
                    "task": "text_pref", "meta": {"a": a, "b": b}}
         out.append(rec)
     return out
