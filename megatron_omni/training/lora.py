@@ -53,9 +53,9 @@ base as ``base_layer`` (renaming every base weight in the checkpoint), builds A/
 Megatron-LM's own parallel layers given a Megatron-LM ``megatron_config``, and knows neither
 sequence parallelism, TE's fused layer-norm linears nor megatron-core distributed checkpoints.
 Megatron-Bridge's LoRA (``AdapterWrapper`` + ``ParallelLinearAdapter``) handles all of that, but
-imports Transformer Engine at module import (unusable on our CPU path), targets newer
-megatron-core releases than the 0.16.1 we can install on Python 3.11, and would pull in the whole
-Bridge framework for ~200 lines of math. From both we kept the ideas: B = 0 at start, only an
+imports Transformer Engine at module import (unusable on our CPU path), is developed against
+current megatron-core (newer than the 0.16.1 that installs on Python 3.11) and would pull in the
+whole Bridge framework for ~200 lines of math. From both we kept the ideas: B = 0 at start, only an
 r-wide tensor crosses the TP group, an adapter switch for the reference pass, base weights keeping
 their checkpoint names (Bridge) and the sharded-state-dict description of the adapters.
 
