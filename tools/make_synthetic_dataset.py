@@ -352,11 +352,12 @@ PREFERENCE = "preference"
 
 def _preference_lines(wr: _Writer, rng: random.Random, n: int) -> list[dict]:
     """DPO pairs in every modality, cycling image, video, audio, interleaved, text: the chosen
-    answer is the true one (colour, direction, pitch, which image, a sum). The rejected one is a
-    wrong answer of ANOTHER question's kind (a shape for a colour question, a colour for a
-    direction question, a direction for a pitch question, yes/no for "which image", a word for a
-    sum): a preference the tiny demo model learns from a few dozen pairs and carries over to
-    held-out pairs. (A wrong answer of the same kind, e.g. the wrong colour, asks the model to
+    answer is the true one (colour or shape, direction, pitch, which image or same shape, a sum).
+    The rejected one is an answer of ANOTHER question's kind (a shape for a colour question and a
+    colour for a shape question, a pitch word for a direction question, a direction for a pitch
+    question, yes/no for "which image" and an image for "same shape?", a word for a sum), kinds
+    balanced so that no answer word is simply penalised: a preference the tiny demo model learns
+    from a few dozen pairs and carries over to held-out pairs. (A wrong answer of the same kind, e.g. the wrong colour, asks the model to
     read the media better than instruction tuning already taught it: more data than the demo
     trains on.)"""
     out = []
@@ -365,17 +366,19 @@ def _preference_lines(wr: _Writer, rng: random.Random, n: int) -> list[dict]:
         if kind == 0:
             shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
             rel = _save_image(wr, rng, _shape_image(rng, shape, color))
-            wrong = rng.choice(SHAPES)
-            rec = {"prompt": "<image>\nWhat colour is the shape?", "chosen": color,
-                   "rejected": wrong, "images": [rel], "task": "image_pref",
-                   "meta": {"shape": shape, "color": color}}
+            if rng.random() < 0.5:
+                q, good, bad = "What colour is the shape?", color, rng.choice(SHAPES)
+            else:
+                q, good, bad = "What shape is this?", shape, rng.choice(list(COLORS))
+            rec = {"prompt": f"<image>\n{q}", "chosen": good, "rejected": bad, "images": [rel],
+                   "task": "image_pref", "meta": {"shape": shape, "color": color}}
         elif kind == 1:
             shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
             direction = rng.choice(DIRECTIONS)
             frames = _moving_shape_video(rng, shape, color, direction)
             rel = wr.name("videos", "avi")
             _write_video(wr.root / rel, frames, True)
-            wrong = rng.choice(list(COLORS))
+            wrong = rng.choice(list(PITCHES))
             rec = {"prompt": "<video>\nWhich way does the shape move?", "chosen": direction,
                    "rejected": wrong, "videos": [rel], "task": "video_pref",
                    "meta": {"direction": direction}}
@@ -394,12 +397,18 @@ def _preference_lines(wr: _Writer, rng: random.Random, n: int) -> list[dict]:
             c1, c2 = rng.sample(list(COLORS), 2)
             s1, s2 = rng.choice(SHAPES), rng.choice(SHAPES)
             first = rng.random() < 0.5
-            ask = c1 if first else c2
             rels = [_save_image(wr, rng, _shape_image(rng, s, c)) for s, c in ((s1, c1), (s2, c2))]
-            rec = {"prompt": f"Image 1: <image>\nImage 2: <image>\nWhich image is {ask}?",
-                   "chosen": "the first image" if first else "the second image",
-                   "rejected": rng.choice(("yes", "no")),
-                   "images": rels, "task": "interleaved_pref", "meta": {"colors": [c1, c2]}}
+            if rng.random() < 0.5:
+                q = f"Which image is {c1 if first else c2}?"
+                good = "the first image" if first else "the second image"
+                bad = rng.choice(("yes", "no"))
+            else:
+                q = "Do both images show the same shape?"
+                good = "yes" if s1 == s2 else "no"
+                bad = rng.choice(("the first image", "the second image"))
+            rec = {"prompt": f"Image 1: <image>\nImage 2: <image>\n{q}", "chosen": good,
+                   "rejected": bad, "images": rels, "task": "interleaved_pref",
+                   "meta": {"colors": [c1, c2], "shapes": [s1, s2]}}
         else:
             a, b = rng.randint(0, 49), rng.randint(0, 49)
             rec = {"prompt": f"What is {a} + {b}?", "chosen": str(a + b),
