@@ -9,7 +9,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench clean gpu-check
+
+GPU_CHECK_OUT ?= gpu_check_report.json
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +27,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# On a GPU node (inside the container of docker/Dockerfile, no venv needed): every GPU path one
+# GPU can show, table + JSON report. PY_GPU overrides the interpreter (default: python3).
+PY_GPU ?= python3
+gpu-check:
+	$(PY_GPU) tools/gpu_check.py --out $(GPU_CHECK_OUT)
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_llm.py

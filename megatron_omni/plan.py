@@ -42,19 +42,32 @@ and checked against a real CPU training step in ``tests/tools/test_plan.py``).
 
 Step time
 ---------
-Per micro-batch, each stage's hardware FLOPs (recomputation included, :mod:`training.flops`) on
-one GPU (LLM / (t*c), ViT / t, SAN-M and projectors replicated) run at ``peak * assumed MFU``
-(:data:`ACHIEVABLE_MFU`: the steady-state utilisation large Megatron-Core runs reach on H100,
-communication overlap included). The slowest stage sets the pace and the pipeline adds the
-bubble: ``step = (m + (p-1)/v) * t_slowest``, i.e. ``m * t_slowest * (1 + (p-1)/(v*m))``.
-Tokens/s, model TFLOP/s and MFU then use the *model* FLOPs (no recomputation).
+Per micro-batch and pipeline stage (one GPU):
+
+* compute: the stage's hardware FLOPs (recomputation included, :mod:`training.flops`; LLM /
+  (t*c), ViT / t, SAN-M and projectors replicated, the encoders on the first stage, the LM head
+  on the last) at ``peak * COMPUTE_EFFICIENCY``;
+* exposed TP: :func:`tp_comm_seconds` (sequence-parallel all-gathers / reduce-scatters, and the
+  ViT's all-reduces) x :data:`TP_EXPOSED_FRACTION`;
+* CP: :func:`cp_comm_seconds` (ring-attention K/V exchange + a fixed cost per ring step);
+* pipeline p2p: :func:`p2p_seconds` (2 transfers per model chunk; bytes exposed only without
+  interleaving, a fixed overhead per transfer always);
+* the LM head's cross entropy: :func:`cross_entropy_seconds` (memory bound, last stage).
+
+The slowest stage sets the pace and the pipeline adds the bubble; then the DP collectives that
+the overlap leaves exposed (:func:`dp_exposed_seconds`) and the optimizer step
+(:func:`optimizer_seconds`): ``step = (m + (p-1)/v) * t_slowest + dp_exposed + t_optimizer``.
+Bandwidths are in :data:`INTERCONNECTS`. Tokens/s, model TFLOP/s and MFU use the *model* FLOPs
+(no recomputation). The constants are calibrated on the published Megatron-Core H100 rows in
+:data:`CALIBRATION` (``tools/plan.py --calibration``; BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import asdict, dataclass, field
+import random
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -84,11 +97,51 @@ FRAGMENTATION = 0.03
 FP8_WEIGHT_CACHE_BYTES = 2
 """Bytes per LLM-layer matmul parameter for TE's cached FP8 weight + its FP8 transpose."""
 
-ACHIEVABLE_MFU = {"bf16": 0.40, "fp8": 0.37}
-"""Assumed steady-state model-FLOPs utilisation (of the dense peak in that precision), bubble
-excluded. 0.40 bf16 (~396 TFLOP/s on H100) is what large Megatron-Core dense runs reach;
-0.37 fp8 (~732 TFLOP/s) is the published Llama-3-70B FP8 figure (~730 TFLOP/s/GPU on 64 H100).
-FP8 MFU is lower because attention, norms and the LM head stay in bf16."""
+COMPUTE_EFFICIENCY = {"bf16": 0.438, "fp8": 0.405}
+"""Fraction of the dense peak that the layers' arithmetic itself runs at on H100-class GPUs
+(GEMMs, flash attention, the memory-bound norms/rotary/SwiGLU in between), *excluding* what
+the step model charges separately: exposed TP/CP/DP communication, pipeline transfers and bubble,
+the LM head's cross entropy and the optimizer step. Calibrated on the published Megatron-Core /
+Megatron-Bridge H100 rows (:data:`CALIBRATION`, BENCHMARKS.md "Planner calibration"); the bf16
+value keeps the fp8 / bf16 ratio of the former assumed MFU (0.37 / 0.40), as no bf16 Llama-3 H100
+row was found to calibrate it on."""
+
+TP_EXPOSED_FRACTION = 0.1
+"""Share of the tensor-parallel collectives (sequence parallel: all-gather / reduce-scatter
+around every column / row-parallel GEMM) left on the critical path with Transformer Engine's
+userbuffer overlap (``tp_comm_overlap``). No published figure for this fraction was found in the
+sources available; 0.3 is the value that makes the TP4 rows of :data:`CALIBRATION` agree with the
+TP1 rows at one compute efficiency. Override with ``plan(..., tp_exposed=...)`` /
+``tools/plan.py --tp-exposed``."""
+
+
+@dataclass(frozen=True)
+class Interconnect:
+    """Bandwidths the communication terms use (bytes/s, achieved NCCL bus bandwidth)."""
+
+    intra_node: float
+    """NVLink/NVSwitch inside a node."""
+    inter_node: float
+    """Per GPU across nodes (one NIC per GPU)."""
+    gpus_per_node: int = 8
+    p2p_overhead_s: float = 100e-6
+    """Fixed cost of one point-to-point step on the critical path (kernel launch, stream sync,
+    schedule bookkeeping): charged per pipeline send/recv (per virtual stage boundary and
+    micro-batch, even when the bytes are overlapped by the interleaved schedule) and per
+    ring-attention step of context parallelism. Fitted: the value at which the published CP2
+    row of Llama-3-70B ranks below the PP8 one, as published (BENCHMARKS.md)."""
+    hbm: float = 2.6e12
+    """Achieved HBM bandwidth for the memory-bound steps (cross entropy, optimizer)."""
+
+
+INTERCONNECTS: dict[str, Interconnect] = {
+    # DGX H100: NVLink 4 (450 GB/s per direction, ~360 GB/s NCCL bus bandwidth), 8 x 400 Gb/s
+    # ConnectX-7 (50 GB/s line rate per GPU, ~45 GB/s achieved). HBM3 3.35 TB/s peak.
+    "h100": Interconnect(360e9, 45e9, hbm=2.6e12),
+    "h200": Interconnect(360e9, 45e9, hbm=3.8e12),
+    # DGX A100: NVLink 3 (300 GB/s per direction), 8 x 200 Gb/s HDR.
+    "a100": Interconnect(230e9, 22e9, hbm=1.6e12),
+}
 
 DEFAULT_GLOBAL_BATCH = 128
 """Packed rows per optimizer step when none is given (Megatron-Core's Llama-3-70B recipe)."""
@@ -181,6 +234,9 @@ class Layout:
     first_stage_num_layers: Optional[int] = None
     recompute: Optional[str] = None
     distributed_optimizer: bool = True
+    recompute_num_layers: Optional[int] = None
+    """With ``recompute='full'``: only this many layers per model chunk are recomputed
+    (megatron-core's ``recompute_method='block'``); None = all of them."""
 
     def __post_init__(self):
         if self.recompute == "none":
@@ -196,6 +252,9 @@ class Layout:
             raise ConfigError("vpp must be >= 2 (or unset)")
         if self.sequence_parallel is None:
             self.sequence_parallel = self.tp > 1
+        if self.recompute_num_layers is not None:
+            if self.recompute != "full" or self.recompute_num_layers < 0:
+                raise ConfigError("recompute_num_layers needs recompute='full' and a count >= 0")
         rows = self.micro_batch_size * self.dp
         if self.global_batch is None:
             self.global_batch = max(1, round(DEFAULT_GLOBAL_BATCH / rows)) * rows
@@ -484,6 +543,107 @@ def inflight_counts(pp: int, vpp: Optional[int], m: int, rank: int) -> tuple[tup
 
 
 # ------------------------------------------------------------------------------------------------
+# Step-time terms (seconds; each checked against a hand computation in tests/tools/test_plan.py)
+# ------------------------------------------------------------------------------------------------
+
+def tp_comm_seconds(tokens: float, hidden: int, tp: int, sp: bool, layers: int,
+                    recomputed_layers: int, bandwidth: float, act_bytes: int = 2) -> float:
+    """Tensor-parallel collectives of ``layers`` LLM layers for one micro-batch on one GPU.
+
+    Sequence parallel: per layer, forward all-gathers the input of the QKV and FC1 GEMMs and
+    reduce-scatters the outputs of the out-projection and FC2 (4 collectives); backward
+    all-gathers the two row-parallel output gradients, reduce-scatters the two column-parallel
+    input gradients and all-gathers the two column-parallel inputs again for the weight gradients
+    (6). Each moves ``(t-1)/t`` of the ``tokens x hidden`` activation per GPU. A fully
+    recomputed layer repeats its 4 forward ones. Without SP: 2 forward + 2 backward all-reduces
+    of twice that volume (the same 8 units) + 2 per recomputed layer.
+    """
+    if tp <= 1 or layers <= 0:
+        return 0.0
+    unit = (tp - 1) / tp * tokens * hidden * act_bytes
+    if sp:
+        count = 10 * layers + 4 * recomputed_layers
+    else:
+        count = 8 * layers + 4 * recomputed_layers
+    return count * unit / bandwidth
+
+
+def cp_comm_seconds(tokens: float, kv_width: int, cp: int, layers: int, bandwidth: float,
+                    act_bytes: int = 2, overhead_s: float = 0.0, exposed: float = 1.0) -> float:
+    """Ring attention's K/V exchange for one micro-batch on one GPU: per layer ``cp-1`` steps
+    each passing the local K and V (``2 * kv_width`` per token of the local ``tokens``) forward,
+    and K, V plus their gradients backward (twice that). ``exposed`` of the bytes' time is
+    charged, plus ``overhead_s`` per step (a P2P exchange and a separate attention kernel)."""
+    if cp <= 1 or layers <= 0:
+        return 0.0
+    per_step = 2 * kv_width * tokens * act_bytes
+    steps = layers * 3 * (cp - 1)
+    return steps * (exposed * per_step / bandwidth + overhead_s)
+
+
+def p2p_seconds(tokens: float, hidden: int, tp: int, sp: bool, vpp: Optional[int],
+                bandwidth: float, overhead_s: float) -> float:
+    """Pipeline transfers on the critical path of one stage for one micro-batch.
+
+    Each model chunk receives its input activation (``tokens x hidden`` bf16, / t with SP)
+    forward and its gradient backward: ``2v`` transfers. 1F1B without interleaving sends and
+    receives blocking (``batch_p2p_comm``): bytes / bandwidth + the fixed overhead each. The
+    interleaved schedule overlaps the bytes with compute (``overlap_p2p_comm``); the fixed
+    overhead per transfer stays, which is what makes very deep interleaving (one layer per
+    virtual stage) lose to fewer, larger chunks.
+    """
+    v = vpp or 1
+    size = tokens * hidden * 2 / (tp if sp else 1)
+    per = overhead_s + (0.0 if v > 1 else size / bandwidth)
+    return 2 * v * per
+
+
+def dp_comm_seconds(params: float, dp: int, grad_bytes: int, param_bytes: int,
+                    distributed_optimizer: bool, bandwidth: float) -> tuple[float, float]:
+    """(gradient reduction, parameter all-gather) seconds per step for ``params`` trained
+    parameters on one GPU over a data-parallel group of ``dp`` (DP x CP) ranks (ring: each GPU
+    moves ``(n-1)/n`` of the buffer per collective). Distributed optimizer: reduce-scatter of
+    the gradients + all-gather of the updated 16-bit parameters; without it one all-reduce
+    (twice the reduce-scatter volume) and no gather."""
+    if dp <= 1 or params <= 0:
+        return 0.0, 0.0
+    frac = (dp - 1) / dp
+    if distributed_optimizer:
+        return params * grad_bytes * frac / bandwidth, params * param_bytes * frac / bandwidth
+    return 2 * params * grad_bytes * frac / bandwidth, 0.0
+
+
+def dp_exposed_seconds(reduce_s: float, gather_s: float, chunks: int, backward_window_s: float,
+                       forward_window_s: float) -> float:
+    """What the overlapped DP communication leaves exposed. Megatron-Core buckets it by layer
+    (no PP) or by virtual pipeline stage (PP): the reduce-scatter of a bucket starts when its
+    last backward ends, so the last bucket is always exposed, and the rest only hides if it fits
+    in the remaining backward of the step's last micro-batch (the parameter all-gather likewise
+    in the first forward). PP without interleaving has one bucket: all exposed."""
+    chunks = max(1, chunks)
+    rs = max(reduce_s / chunks, reduce_s - backward_window_s)
+    ag = max(gather_s / chunks, gather_s - forward_window_s)
+    return rs + ag
+
+
+CROSS_ENTROPY_PASSES = 3
+"""Memory passes over the fp32 logits in the vocab-parallel cross entropy (max/sum-exp
+reductions and softmax forward, the gradient write backward)."""
+
+OPTIMIZER_BYTES_PER_PARAM = 30
+"""Adam step per (sharded) parameter: read fp32 grad, master, m, v (16 B), write master, m, v
+(12 B), write the bf16 parameter (2 B)."""
+
+
+def cross_entropy_seconds(tokens: float, vocab_per_gpu: int, hbm: float) -> float:
+    return tokens * vocab_per_gpu * 4.0 * CROSS_ENTROPY_PASSES / hbm
+
+
+def optimizer_seconds(params_per_gpu: float, hbm: float) -> float:
+    return params_per_gpu * OPTIMIZER_BYTES_PER_PARAM / hbm
+
+
+# ------------------------------------------------------------------------------------------------
 # The plan
 # ------------------------------------------------------------------------------------------------
 
@@ -507,6 +667,16 @@ class StagePlan:
     overhead: float
     flops_per_micro_batch: float
     """Hardware FLOPs one GPU of this stage runs per micro-batch (recomputation included)."""
+    trained_params: float = 0.0
+    """Parameters on one GPU of this stage that train (what the DP collectives move)."""
+    times: dict = field(default_factory=dict)
+    """Seconds per micro-batch (compute, tp, cp, p2p, cross_entropy) and per step (dp,
+    optimizer) of this stage; empty where no step time is estimated."""
+
+    @property
+    def micro_batch_time(self) -> float:
+        t = self.times
+        return sum(t.get(k, 0.0) for k in ("compute", "tp", "cp", "p2p", "cross_entropy"))
 
     @property
     def total(self) -> float:
@@ -524,7 +694,8 @@ class StagePlan:
                 "activations_gib": g(self.activations), "inflight_per_chunk": list(self.inflight),
                 "transient_gib": g(self.transient), "overhead_gib": g(self.overhead),
                 "total_gib": g(self.total),
-                "tflops_per_micro_batch": round(self.flops_per_micro_batch / 1e12, 4)}
+                "tflops_per_micro_batch": round(self.flops_per_micro_batch / 1e12, 4),
+                "seconds": {k: round(v, 6) for k, v in self.times.items()}}
 
 
 @dataclass
@@ -545,6 +716,8 @@ class Plan:
     step_time: Optional[float]
     bubble_fraction: float
     warnings: list
+    mix: list = field(default_factory=list)
+    """With :func:`plan_mix`: (weight, label) of every row type averaged into the step time."""
 
     @property
     def peak_stage(self) -> StagePlan:
@@ -620,7 +793,8 @@ class Plan:
             "assumptions": {"fixed_overhead_gib": FIXED_OVERHEAD_GIB,
                             "fragmentation": FRAGMENTATION,
                             "fp8_weight_cache_bytes": FP8_WEIGHT_CACHE_BYTES,
-                            "achievable_mfu": ACHIEVABLE_MFU},
+                            "compute_efficiency": COMPUTE_EFFICIENCY,
+                            "tp_exposed_fraction": TP_EXPOSED_FRACTION},
             "warnings": list(self.warnings),
         }
 
@@ -656,7 +830,7 @@ def _stage_layers(cfg: OmniConfig, layout: Layout) -> list[list[int]]:
 def plan(cfg: OmniConfig, layout: Layout, workload: Optional[Workload] = None, gpu: str = "h100",
          precision: str = "bf16", impl: Optional[str] = None, assumed_mfu: Optional[float] = None,
          flash_attention: bool = True, model_name: str = "custom", check: bool = True,
-         memory_gib: Optional[float] = None) -> Plan:
+         memory_gib: Optional[float] = None, tp_exposed: Optional[float] = None) -> Plan:
     """Per-GPU memory of every pipeline stage and the estimated step time of ``layout``.
 
     ``gpu='cpu'`` with ``precision='fp32'`` is the CPU mode: fp32 weights/activations, plain
@@ -737,6 +911,9 @@ def plan(cfg: OmniConfig, layout: Layout, workload: Optional[Workload] = None, g
     # Activation bytes per token / item.
     kept_layer, whole_layer = llm_layer_activation_bytes(
         cfg, num, impl, tp, sp, layout.recompute, seqlens, flash_attention)
+    block = layout.recompute_num_layers  # None: every layer as `layout.recompute` says
+    kept_plain = llm_layer_activation_bytes(cfg, num, impl, tp, sp, None, seqlens,
+                                            flash_attention)[0]
     if impl == "te":
         head_act = 2.0 * h * num.act / (tp if sp else 1)
     else:
@@ -768,6 +945,14 @@ def plan(cfg: OmniConfig, layout: Layout, workload: Optional[Workload] = None, g
     llm_passes = training_passes(train_llm, upstream)
     one_layer = llm_forward_flops(llm, seqlens, vp, num_layers=1, lm_head=False)
     layer_flops = one_layer.training(llm_passes, layout.recompute)
+    layer_flops_plain = one_layer.training(llm_passes, None)
+
+    def chunk_layer_cost(n: int, full_cost: float, plain_cost: float) -> float:
+        """n layers of one model chunk, the first ``recompute_num_layers`` fully recomputed."""
+        if block is None:
+            return n * full_cost
+        k = min(block, n)
+        return k * full_cost + (n - k) * plain_cost
     head_flops = ForwardFlops(other=2.0 * workload.seq_length * h * vp).training(llm_passes)
     enc_flops = 0.0
     if grids:
@@ -803,16 +988,17 @@ def plan(cfg: OmniConfig, layout: Layout, workload: Optional[Workload] = None, g
         if first and m_cfg.audio.enabled:
             groups += [(n_sanm, train_aud, True), (aproj, train_proj, False)]
         weights = grads = optim = 0.0
-        params = 0.0
+        params = trained = 0.0
         for n, trains, fp32_param in groups:
             wb, gb, ob = state_bytes(n, trains, fp32_param)
             weights, grads, optim, params = weights + wb, grads + gb, optim + ob, params + n
+            trained += n if trains else 0.0
         fp8_cache = n_layers * lin / tp * FP8_WEIGHT_CACHE_BYTES if precision == "fp8" else 0.0
 
         # Activations: per chunk bytes x the schedule's in-flight counts.
         chunk_bytes = []
         for c, n in enumerate(layers[r]):
-            b = n * kept_layer * tokens if needs_llm_acts else 0.0
+            b = chunk_layer_cost(n, kept_layer, kept_plain) * tokens if needs_llm_acts else 0.0
             if first and c == 0:
                 b += enc_act
             if last and c == v - 1:
@@ -839,14 +1025,15 @@ def plan(cfg: OmniConfig, layout: Layout, workload: Optional[Workload] = None, g
                 transient += biggest * num.grad
         overhead = 0.0 if on_cpu else FIXED_OVERHEAD_GIB * GiB + FRAGMENTATION * (best + transient)
 
-        flops = n_layers * layer_flops / (tp * cp) * mb
+        flops = sum(chunk_layer_cost(n, layer_flops, layer_flops_plain)
+                    for n in layers[r]) / (tp * cp) * mb
         if last:
             flops += head_flops / (tp * cp) * mb
         if has_enc:
             flops += enc_flops * mb
         stages.append(StagePlan(r, n_layers, has_enc, first, last, int(params), weights, grads,
                                 optim, fp8_cache, best, list(best_counts), transient, overhead,
-                                flops))
+                                flops, trained))
 
     # Throughput.
     row = omni_row_flops(cfg, seqlens, grids, frames, vocab_size=vp)
@@ -855,10 +1042,57 @@ def plan(cfg: OmniConfig, layout: Layout, workload: Optional[Workload] = None, g
     step_time = None
     mfu_used = None
     if precision in spec.peak:
-        mfu_used = assumed_mfu if assumed_mfu is not None else ACHIEVABLE_MFU.get(precision, 0.35)
+        mfu_used = assumed_mfu if assumed_mfu is not None \
+            else COMPUTE_EFFICIENCY.get(precision, 0.35)
         rate = spec.peak[precision] * mfu_used
-        slowest = max(s.flops_per_micro_batch for s in stages) / rate
-        step_time = (m + (pp - 1) / v) * slowest
+        net = INTERCONNECTS.get(gpu, INTERCONNECTS["h100"])
+        f_tp = TP_EXPOSED_FRACTION if tp_exposed is None else tp_exposed
+        node = net.gpus_per_node
+        tp_bw = net.intra_node if tp <= node else net.inter_node
+        cp_bw = net.intra_node if tp * cp <= node else net.inter_node
+        dp_n = layout.dp * cp
+        dp_bw = net.intra_node if tp * dp_n <= node else net.inter_node
+        pp_bw = net.intra_node if tp * dp_n * pp <= node else net.inter_node
+        kv_w = llm.num_query_groups * llm.head_dim
+        for s_ in stages:
+            chunk_layers = layers[s_.rank]
+            recomputed = 0
+            if layout.recompute == "full":
+                recomputed = sum(n if block is None else min(block, n) for n in chunk_layers)
+            t_c = s_.flops_per_micro_batch / rate
+            times = {"compute": t_c,
+                     "tp": f_tp * tp_comm_seconds(tokens, h, tp, sp, s_.llm_layers, recomputed,
+                                                  tp_bw, 2),
+                     "cp": cp_comm_seconds(tokens, kv_w, cp, s_.llm_layers, cp_bw, 2,
+                                           net.p2p_overhead_s, f_tp),
+                     "p2p": p2p_seconds(tokens, h, tp, sp, layout.vpp, pp_bw,
+                                        net.p2p_overhead_s) if pp > 1 else 0.0,
+                     "cross_entropy": cross_entropy_seconds(tokens, vp // tp, net.hbm)
+                     if s_.has_lm_head else 0.0}
+            if s_.has_encoders and grids and tp > 1:
+                # the ViT is tensor parallel without SP: 2 + 2 all-reduces per block
+                patches = sum(t * hh * ww for t, hh, ww in grids) * mb
+                times["tp"] += f_tp * tp_comm_seconds(patches, m_cfg.vision.hidden_size, tp,
+                                                      False, m_cfg.vision.depth, 0, tp_bw, 2)
+            rs, ag = dp_comm_seconds(s_.trained_params, dp_n, num.grad, num.param,
+                                     layout.distributed_optimizer, dp_bw)
+            chunks = s_.llm_layers if pp == 1 else v
+            # Window: the backward (forward) work left after the first bucket is final: the
+            # last micro-batch's backward without PP; the interleaved cool-down (as many chunk
+            # backwards as the warm-up had forwards) with VPP; nothing for plain 1F1B.
+            if pp == 1:
+                bwd_win, fwd_win = t_c * 2 / 3, t_c / 3
+            elif v > 1:
+                steps = min(m * v, (pp - 1 - s_.rank) * 2 + (v - 1) * pp)
+                bwd_win, fwd_win = steps * t_c * 2 / 3 / v, steps * t_c / 3 / v
+            else:
+                bwd_win = fwd_win = 0.0
+            times["dp"] = dp_exposed_seconds(rs, ag, chunks, bwd_win, fwd_win)
+            times["optimizer"] = optimizer_seconds(s_.trained_params / shard, net.hbm)
+            s_.times = times
+        slowest = max(s_.micro_batch_time for s_ in stages)
+        step_time = (m + (pp - 1) / v) * slowest + max(s_.times["dp"] + s_.times["optimizer"]
+                                                       for s_ in stages)
 
     result = Plan(model_name, spec, precision, impl, layout, workload, model_params(cfg), stages,
                   row.as_dict(), model_flops, mfu_used, step_time, bubble, warnings)
@@ -881,6 +1115,337 @@ def plan(cfg: OmniConfig, layout: Layout, workload: Optional[Workload] = None, g
 
 
 # ------------------------------------------------------------------------------------------------
+# A recipe's data mix: rows per modality group, encoder work on the first stage
+# ------------------------------------------------------------------------------------------------
+
+DEFAULT_MIX_SAMPLES = """Stated per-sample defaults without a prepared dataset (uniform draws):
+text 200-8000 tokens; image: one image of 100-2560 LLM tokens + 34-94 text/template tokens;
+video: 16 frames (8 temporal patches) of 1024-6144 LLM tokens in all + 24-74 tokens; audio: one
+clip of 5-15 s (256 LLM tokens) + 24-74 tokens; interleaved: 3 images of 256-1024 tokens each +
+200-1000 text tokens."""
+
+
+def _grid_for_tokens(tokens: int, frames: int = 1) -> tuple[int, int, int]:
+    """A near-square (t, h, w) pre-merge patch grid holding about ``tokens`` LLM tokens."""
+    t = max(1, frames // 2)
+    per = max(1, round(tokens / t))
+    a = max(1, round(per ** 0.5))
+    b = max(1, round(per / a))
+    return (t, 2 * a, 2 * b)
+
+
+def default_samples(modality: str, n: int, seed: int = 0) -> list[dict]:
+    """``n`` sample descriptors of ``modality`` drawn from :data:`DEFAULT_MIX_SAMPLES`.
+    Each: ``num_tokens``, ``grids`` (pre-merge (t, h, w)), ``audio_frames`` (SAN-M frames)."""
+    from .training.flops import audio_encoder_frames
+    rng = random.Random(f"{seed}-{modality}")
+    out = []
+    for _ in range(n):
+        grids: list = []
+        frames: list = []
+        if modality == "text":
+            tokens = rng.randint(200, 8000)
+        elif modality == "image":
+            grids = [_grid_for_tokens(rng.randint(100, 2560))]
+            tokens = rng.randint(34, 94)
+        elif modality == "video":
+            grids = [_grid_for_tokens(rng.randint(1024, 6144), frames=16)]
+            tokens = rng.randint(24, 74)
+        elif modality == "audio":
+            frames = [audio_encoder_frames(rng.uniform(5.0, 15.0))]
+            tokens = 258 + rng.randint(24, 74)
+        elif modality == "interleaved":
+            grids = [_grid_for_tokens(rng.randint(256, 1024)) for _ in range(3)]
+            tokens = rng.randint(200, 1000)
+        else:
+            raise ConfigError(f"unknown modality {modality!r}")
+        tokens += sum(t * h * w // 4 + 2 for t, h, w in grids)
+        out.append({"num_tokens": tokens, "grids": grids, "audio_frames": frames})
+    return out
+
+
+def dataset_samples(path: str | Path, modality: str, limit: int = 2000) -> list[dict]:
+    """Descriptors of up to ``limit`` training samples of one modality, read from the per-sample
+    JSON that ``tools/preprocess_data.py`` stored in the shards (``<path>/<modality>/train-*.tar``;
+    no media is decoded): ``num_tokens``, ``image_grid_thw`` + ``video_grid_thw``, and
+    ``audio_num_samples`` (16 kHz) turned into SAN-M frames."""
+    import json
+    import tarfile
+
+    from .training.flops import audio_encoder_frames
+    shards = sorted((Path(path) / modality).glob("train-*.tar"))
+    if not shards:
+        raise ConfigError(f"no training shards under {Path(path) / modality}; give the "
+                          f"tools/preprocess_data.py output directory (data.path)")
+    out: list[dict] = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not member.name.endswith(".json") or "." in member.name[:-5].rsplit("/", 1)[-1]:
+                    continue
+                d = json.load(tar.extractfile(member))
+                grids = [tuple(g) for g in (d.get("image_grid_thw") or [])]
+                grids += [tuple(g) for g in (d.get("video_grid_thw") or [])]
+                frames = [audio_encoder_frames(n / 16000.0)
+                          for n in (d.get("audio_num_samples") or [])]
+                out.append({"num_tokens": int(d["num_tokens"]), "grids": grids,
+                            "audio_frames": frames})
+                if len(out) >= limit:
+                    return out
+    return out
+
+
+def recipe_workloads(cfg: OmniConfig, data_path: str | Path | None = None,
+                     rows_per_modality: int = 2, samples: int = 512,
+                     seed: int = 0) -> list[tuple[float, Workload, str]]:
+    """(weight, row, label) for the rows a recipe's step is made of.
+
+    Every modality group of ``data.modalities`` gets the same micro-batches per step; in a
+    non-text group ``data.pure_text_ratio`` of them are pure text. Each group's samples (from the
+    dataset when ``data_path`` is given, else :data:`DEFAULT_MIX_SAMPLES`) are packed with the
+    project's packer under the recipe's budgets; the rows, sorted by vision patches + audio
+    frames, are represented by ``rows_per_modality`` quantile rows of equal weight.
+    """
+    from .data.packing import PackingConfig, SampleInfo, pack_samples
+    d = cfg.data
+    mods = list(d.modalities)
+    pcfg = PackingConfig(d.seq_length, d.max_images_per_row, d.max_vision_patches_per_row,
+                         truncate_text=True)
+    text_share = d.pure_text_ratio if len(mods) > 1 else 0.0
+    groups: list[tuple[float, str]] = []
+    for m in mods:
+        if m == "text":
+            groups.append((1.0 / len(mods), "text"))
+        else:
+            groups.append(((1.0 - text_share) / len(mods), m))
+            if text_share:
+                groups.append((text_share / len(mods), "text"))
+    rows_of: dict[str, list[Workload]] = {}
+    out: list[tuple[float, Workload, str]] = []
+    for weight, m in groups:
+        if m not in rows_of:
+            descs = dataset_samples(data_path, m, samples) if data_path is not None \
+                else default_samples(m, samples, seed)
+            infos = [SampleInfo(i, x["num_tokens"], len(x["grids"]),
+                                sum(t * h * w for t, h, w in x["grids"]),
+                                "text" if m == "text" else m) for i, x in enumerate(descs)]
+            packed = pack_samples(infos, pcfg)
+            rows = []
+            for row in packed.rows:
+                ids = [int(i) for i in row.sample_ids]
+                grids = [g for i in ids for g in descs[i]["grids"]]
+                frames = [f for i in ids for f in descs[i]["audio_frames"]]
+                rows.append(Workload(d.seq_length, max(1, len(ids)), tuple(grids),
+                                     tuple(frames)))
+            if not rows:
+                raise ConfigError(f"no {m} sample fits a row of {d.seq_length} tokens")
+            rows.sort(key=lambda w: (sum(t * h * ww for t, h, ww in w.vision_grids)
+                                     + sum(w.audio_frames), w.samples_per_row))
+            k = min(rows_per_modality, len(rows))
+            rows_of[m] = [rows[min(len(rows) - 1, int((j + 0.5) * len(rows) / k))]
+                          for j in range(k)]
+        reps = rows_of[m]
+        out += [(weight / len(reps), w, m) for w in reps]
+    return out
+
+
+def stress_workloads(cfg: OmniConfig) -> list[Workload]:
+    """The heaviest rows a recipe must survive (memory only): text; a row of 896x896 images (4 in
+    8K-token rows = 16K patches, 3 in shorter rows); the largest video (32 frames of 532x532,
+    ~5.8K tokens; 8K rows only); a row full of 15-s audio clips (28 in 8K rows, 14 in 4K)."""
+    from .training.flops import audio_encoder_frames
+    d, v = cfg.data, cfg.model.vision
+    long = d.seq_length >= 8192
+    grid = functools.partial(image_grid, patch_size=v.patch_size, merge=v.spatial_merge_size,
+                             temporal_patch_size=v.temporal_patch_size)
+    out = [Workload(d.seq_length)]
+    if v.enabled:
+        n = 4 if long else 3
+        out.append(Workload(d.seq_length, n, (grid(896, 896, 1),) * n))
+        if long:
+            out.append(Workload(d.seq_length, 1, (grid(532, 532, 32),)))
+    if cfg.model.audio.enabled:
+        n = 28 if long else 14
+        out.append(Workload(d.seq_length, n, (), (audio_encoder_frames(15.0),) * n))
+    return out
+
+
+def plan_mix(cfg: OmniConfig, layout: Layout, workloads: Sequence[tuple[float, Workload, str]],
+             gpu: str = "h100", precision: str = "bf16",
+             memory_workloads: Sequence[Workload] = (), **kwargs) -> Plan:
+    """:func:`plan` over the row types of a step (:func:`recipe_workloads`).
+
+    Memory is the worst row type's (every row must fit), ``memory_workloads`` (e.g.
+    :func:`stress_workloads`) included. Per stage, the time per micro-batch is
+    the weighted mean over row types (the encoder work on the first stage follows the mix); the
+    step is then composed as in :func:`plan`. Row-to-row variance within a step is not modelled.
+    """
+    if not workloads:
+        raise ConfigError("plan_mix needs at least one row type")
+    plans = [plan(cfg, layout, w, gpu, precision, check=(i == 0), **kwargs)
+             for i, (_, w, _) in enumerate(workloads)]
+    total = sum(wt for wt, _, _ in workloads)
+    extra = [plan(cfg, layout, w, gpu, precision, check=False, **kwargs)
+             for w in memory_workloads]
+    base = max(plans + extra, key=lambda p: p.peak_bytes)
+    mix = [(round(wt / total, 4), label) for wt, _, label in workloads]
+    if base.step_time is None:
+        return replace(base, mix=mix)
+    stages = []
+    for r, st in enumerate(base.stages):
+        times = {k: sum(wt * p.stages[r].times[k] for (wt, _, _), p in zip(workloads, plans))
+                 / total for k in st.times}
+        flops = sum(wt * p.stages[r].flops_per_micro_batch
+                    for (wt, _, _), p in zip(workloads, plans)) / total
+        stages.append(replace(st, times=times, flops_per_micro_batch=flops))
+    pp, v = layout.pp, layout.vpp or 1
+    step = (layout.num_micro_batches + (pp - 1) / v) * max(s.micro_batch_time for s in stages) \
+        + max(s.times["dp"] + s.times["optimizer"] for s in stages)
+    model_flops = sum(wt * p.model_flops_per_step
+                      for (wt, _, _), p in zip(workloads, plans)) / total
+    return replace(base, stages=stages, step_time=step, model_flops_per_step=model_flops, mix=mix)
+
+
+def balanced_first_stage_layers(cfg: OmniConfig, layout: Layout,
+                                workloads: Sequence[tuple[float, Workload, str]],
+                                gpu: str = "h100", precision: str = "bf16") -> Optional[int]:
+    """LLM layers for the first pipeline stage so that its time per micro-batch (its layers +
+    the encoders at the mix) matches the other stages' (``(L - f) / (p - 1)`` layers each):
+    ``f = (L - (p-1) * t_enc / t_layer) / p``, rounded to a value that leaves the rest evenly
+    divisible (and at least one layer). None without PP, VPP or encoders."""
+    llm = cfg.model.llm
+    pp = layout.pp
+    if pp == 1 or layout.vpp or not (cfg.model.vision.enabled or cfg.model.audio.enabled):
+        return None
+    even = replace(layout, first_stage_num_layers=None)
+    p = plan_mix(cfg, even, workloads, gpu, precision)
+    s0, s1 = p.stages[0], p.stages[1]
+    per_layer = s1.micro_batch_time / max(1, s1.llm_layers)
+    enc = s0.micro_batch_time - s0.llm_layers * per_layer
+    ideal = (llm.num_layers - (pp - 1) * max(0.0, enc) / per_layer) / pp
+    ok = [f for f in range(1, llm.num_layers) if (llm.num_layers - f) % (pp - 1) == 0]
+    return min(ok, key=lambda f: (abs(f - ideal), f))
+
+
+def recipe_layout(cfg: OmniConfig, num_gpus: int) -> Layout:
+    """The layout a stage recipe runs at on ``num_gpus`` GPUs: its parallel / training / data
+    settings; global batch = modality groups x ``training.num_micro_batches`` x micro batch x DP
+    (every group gets that many micro-batches per DP rank and step)."""
+    par, tr, d = cfg.parallel, cfg.training, cfg.data
+    tp, pp, cp = (par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                  par.context_parallel_size)
+    if num_gpus % (tp * pp * cp):
+        raise ConfigError(f"{num_gpus} GPUs is not a multiple of TP*PP*CP = {tp * pp * cp}")
+    dp = num_gpus // (tp * pp * cp)
+    gb = len(d.modalities) * tr.num_micro_batches * d.micro_batch_size * dp
+    return Layout(tp, pp, par.virtual_pipeline_model_parallel_size, cp, dp, d.micro_batch_size,
+                  gb, par.sequence_parallel, par.first_stage_num_layers,
+                  tr.recompute_granularity, tr.use_distributed_optimizer or True)
+
+
+RECIPE_HEADROOM = 0.9
+"""A recipe's heaviest rows (:func:`stress_workloads`) must stay under this share of GPU memory
+(the planner's estimate is not exact)."""
+
+
+def check_recipe(cfg: OmniConfig, num_gpus: int, data_path: str | Path | None = None,
+                 top: int = 5, gpu: str = "h100",
+                 headroom: float = RECIPE_HEADROOM) -> tuple[Plan, list[Plan]]:
+    """(the recipe's own plan, the best layouts) on ``num_gpus`` GPUs: throughput over the
+    recipe's row mix (:func:`recipe_workloads`), memory over the mix and the heaviest rows
+    (:func:`stress_workloads`) within ``headroom`` of the GPU, at the recipe's global batch and
+    precision. The recipe's own plan is judged on the same memory limit."""
+    precision = "fp8" if cfg.training.fp8 else "bf16"
+    work = recipe_workloads(cfg, data_path)
+    stress = stress_workloads(cfg)
+    lay = recipe_layout(cfg, num_gpus)
+    cap = headroom * GPUS[gpu].memory_bytes / GiB
+    own = plan_mix(cfg, lay, work, gpu, precision, stress, model_name=cfg.stage.name,
+                   memory_gib=cap)
+    best = suggest(cfg, None, gpu, precision, lay.micro_batch_size, lay.global_batch, lay.cp,
+                   num_gpus, top, workloads=work, memory_workloads=stress,
+                   model_name=cfg.stage.name, memory_gib=cap)
+    return own, best
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration against published Megatron-Core throughput
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PublishedRow:
+    """One published pre-training throughput row (H100 SXM, seq 8192, micro batch 1)."""
+
+    model: str
+    source: str
+    precision: str
+    num_gpus: int
+    global_batch: int
+    tp: int
+    pp: int
+    cp: int
+    vpp: Optional[int]
+    tokens_per_s_per_gpu: float
+    recompute_num_layers: Optional[int] = None
+    in_tolerance: bool = True
+    """False for rows the planner is not held to (the reason is in ``note``)."""
+    note: str = ""
+
+
+_MB = "Megatron-Bridge docs/performance-summary{,-archive}.md"
+CALIBRATION: tuple[PublishedRow, ...] = (
+    PublishedRow("llama3-8b", f"{_MB}, 25.11 container", "fp8", 8, 128, 1, 1, 1, None, 14451,
+                 recompute_num_layers=5,
+                 note="FSDP; recipe recomputes 5 of 32 layers (full, block)"),
+    PublishedRow("llama3-8b", f"{_MB}, 25.09 container", "fp8", 8, 128, 1, 1, 1, None, 14079,
+                 recompute_num_layers=5, note="FSDP; same recipe"),
+    PublishedRow("llama3-70b", f"{_MB}, 25.09 container", "fp8", 64, 128, 4, 8, 1, 5, 1619),
+    PublishedRow("llama3-70b", f"{_MB}, 25.11 container", "fp8", 64, 128, 4, 8, 1, 5, 1602),
+    PublishedRow("llama3-70b", f"{_MB}, 26.02 container", "fp8", 64, 256, 4, 8, 1, 5, 1621),
+    PublishedRow("llama3-70b", "NeMo docs/source/performance/performance_summary.md, 24.07",
+                 "fp8", 64, 128, 4, 4, 2, 5, 1533),
+    PublishedRow("llama3-8b", "NeMo docs/source/performance/performance_summary.md, 24.07",
+                 "fp8", 8, 128, 1, 1, 2, None, 12036, in_tolerance=False,
+                 note="older container (24.07); the planner has no term that makes CP2 cost "
+                      "17% at 8K tokens for an 8B model"),
+)
+"""Every H100 Llama-3 8B / 70B pre-training row found in the published Megatron-Core /
+Megatron-Bridge / NeMo performance summaries (all FP8; no BF16 Llama-3 H100 row was found)."""
+
+CALIBRATION_TOLERANCE = 0.10
+
+
+def calibration_table(tp_exposed: Optional[float] = None) -> list[dict]:
+    """Planner vs every :data:`CALIBRATION` row: tokens/s/GPU and the relative error."""
+    out = []
+    for row in CALIBRATION:
+        cfg = load_model_config(row.model)
+        dp = row.num_gpus // (row.tp * row.pp * row.cp)
+        lay = Layout(row.tp, row.pp, row.vpp, row.cp, dp, 1, row.global_batch,
+                     recompute="full" if row.recompute_num_layers else None,
+                     recompute_num_layers=row.recompute_num_layers)
+        p = plan(cfg, lay, Workload(8192), "h100", row.precision, model_name=row.model,
+                 tp_exposed=tp_exposed)
+        est = p.tokens_per_s_per_gpu
+        out.append({"row": row, "layout": lay.describe(), "planned": est,
+                    "published": row.tokens_per_s_per_gpu,
+                    "error": est / row.tokens_per_s_per_gpu - 1.0})
+    return out
+
+
+def format_calibration(rows: Sequence[dict]) -> str:
+    lines = [f"{'model':<11} {'prec':<5} {'layout':<32} {'GBS':>4} {'published':>10} "
+             f"{'planned':>9} {'error':>7}  source"]
+    for r in rows:
+        row = r["row"]
+        flag = "" if row.in_tolerance else " (not held to tolerance)"
+        lines.append(f"{row.model:<11} {row.precision:<5} {r['layout']:<32} "
+                     f"{row.global_batch:>4} {r['published']:>10,.0f} {r['planned']:>9,.0f} "
+                     f"{r['error']:>+7.1%}  {row.source}{flag}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
 # Search
 # ------------------------------------------------------------------------------------------------
 
@@ -894,7 +1459,9 @@ def suggest(cfg: OmniConfig, workload: Optional[Workload] = None, gpu: str = "h1
             tps: Iterable[int] = (1, 2, 4, 8), max_pp: int = 32,
             recomputes: Iterable[Optional[str]] = (None, "selective", "full"),
             assumed_mfu: Optional[float] = None, model_name: str = "custom",
-            memory_gib: Optional[float] = None) -> list[Plan]:
+            memory_gib: Optional[float] = None,
+            workloads: Optional[Sequence[tuple[float, Workload, str]]] = None,
+            memory_workloads: Sequence[Workload] = ()) -> list[Plan]:
     """Layouts that fit, best estimated throughput first.
 
     Searched: TP in ``tps``, PP dividing the layer count (<= ``max_pp``), no VPP or any VPP that
@@ -902,7 +1469,10 @@ def suggest(cfg: OmniConfig, workload: Optional[Workload] = None, gpu: str = "h1
     ``recomputes``; distributed optimizer on, SP on with TP > 1, CP as given. Without
     ``num_gpus`` each layout gets the smallest DP that fits (DP must divide the global batch in
     micro-batches) and only layouts at the smallest fitting GPU count are returned; with
-    ``num_gpus`` DP is what that count leaves.
+    ``num_gpus`` DP is what that count leaves. With ``workloads`` (:func:`recipe_workloads`)
+    every layout is planned over the recipe's row mix (:func:`plan_mix`), and the first-stage
+    sizes tried include the one that balances the encoders' cost at that mix
+    (:func:`balanced_first_stage_layers`).
     """
     workload = workload or Workload(cfg.data.seq_length)
     llm = cfg.model.llm
@@ -930,14 +1500,32 @@ def suggest(cfg: OmniConfig, workload: Optional[Workload] = None, gpu: str = "h1
                     # runs the LM head (sometimes the heavier one): the nearest sizes each way.
                     even = n_layers // pp
                     ok = [f for f in range(1, n_layers) if (n_layers - f) % (pp - 1) == 0]
-                    options += [(None, f) for f in [f for f in ok if f < even][-2:]
-                                + [f for f in ok if f > even][:1]]
+                    firsts = [f for f in ok if f < even][-2:] + [f for f in ok if f > even][:1]
+                    if workloads:
+                        # with a row mix (and its memory-heavy rows) a first stage much lighter
+                        # than even may be what fits: try up to 8 lighter sizes as well
+                        light = [f for f in ok if f < even]
+                        step_ = max(1, len(light) // 8)
+                        firsts += [f for f in light[::step_] if f not in firsts]
+                        try:
+                            bal = balanced_first_stage_layers(
+                                cfg, Layout(tp, pp, None, cp, dps[0], micro_batch_size,
+                                            global_batch), workloads, gpu, precision)
+                        except ConfigError:
+                            bal = None
+                        if bal is not None and bal not in firsts:
+                            firsts.append(bal)
+                    options += [(None, f) for f in firsts]
             for vpp, first in options:
                 for rec in recomputes:
                     def attempt(dp: int) -> Optional[Plan]:
                         try:
                             lay = Layout(tp, pp, vpp, cp, dp, micro_batch_size, global_batch,
                                          first_stage_num_layers=first, recompute=rec)
+                            if workloads:
+                                return plan_mix(cfg, lay, workloads, gpu, precision,
+                                                memory_workloads, assumed_mfu=assumed_mfu,
+                                                model_name=model_name, memory_gib=memory_gib)
                             return plan(cfg, lay, workload, gpu, precision,
                                         assumed_mfu=assumed_mfu, model_name=model_name,
                                         memory_gib=memory_gib)
@@ -993,11 +1581,14 @@ def format_plan(p: Plan) -> str:
     ]
     shown = {0, p.peak_stage.rank, len(p.stages) - 1}
     stages = [s for s in p.stages if s.rank in shown]
+    # Column width from the widest cell, and always a space between columns (long in-flight
+    # lists of two stages used to run together: "...0/02/2/...").
+    width = max([9] + [len("/".join(str(c) for c in s.inflight)) for s in stages])
     lines.append(f"{'per-GPU memory (GiB)':<28}"
-                 + "".join(f"{'stage ' + str(s.rank):>10}" for s in stages))
+                 + "".join(f" {'stage ' + str(s.rank):>{width}}" for s in stages))
 
     def row(label, fn):
-        lines.append(f"{label:<28}" + "".join(f"{fn(s):>10}" for s in stages))
+        lines.append(f"{label:<28}" + "".join(f" {fn(s):>{width}}" for s in stages))
 
     row("  LLM layers", lambda s: str(s.llm_layers) + ("+enc" if s.has_encoders else ""))
     row("  weights", lambda s: _gib(s.weights).strip())
@@ -1022,7 +1613,7 @@ def format_plan(p: Plan) -> str:
                      f"{cap / GiB:.2f} GiB ({peak.total / cap:.0%}): {verdict}")
     if p.step_time:
         lines += [
-            f"step       {p.step_time:.4g} s estimated (assumed MFU {p.assumed_mfu:.2f} of "
+            f"step       {p.step_time:.4g} s estimated (compute efficiency {p.assumed_mfu:.3f} of "
             f"{p.gpu.peak[p.precision] / 1e12:.0f} TFLOP/s {p.precision}, pipeline bubble "
             f"(PP-1)/(VPP*m) = {p.bubble_fraction:.1%}, slowest stage {p.stage_imbalance:.3f}x "
             f"the mean)",
@@ -1030,6 +1621,14 @@ def format_plan(p: Plan) -> str:
             f"{p.tflops_per_gpu:,.0f} model TFLOP/s/GPU, MFU {p.mfu:.1%} "
             f"({p.model_flops_per_step / lay.global_batch / w.seq_length / 1e9:.4g} GFLOP/token)",
         ]
+        slow = max(p.stages, key=lambda s: s.micro_batch_time)
+        t = slow.times
+        ms = lambda k: f"{t.get(k, 0.0) * 1e3:.2f}"  # noqa: E731
+        lines.append(
+            f"stage {slow.rank} per micro-batch (ms): compute {ms('compute')}, exposed TP "
+            f"{ms('tp')}, CP {ms('cp')}, pipeline p2p {ms('p2p')}, cross entropy "
+            f"{ms('cross_entropy')}; per step: exposed DP {ms('dp')}, optimizer "
+            f"{ms('optimizer')}")
     for msg in p.warnings:
         lines.append(f"WARNING: {msg}")
     return "\n".join(lines)

@@ -31,8 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_omni.config.schema import ConfigError  # noqa: E402
-from megatron_omni.plan import (ACHIEVABLE_MFU, DEFAULT_GLOBAL_BATCH,  # noqa: E402
-                                FIXED_OVERHEAD_GIB, GPUS, PRESETS, Layout, Workload, format_plan,
+from megatron_omni.plan import (COMPUTE_EFFICIENCY, DEFAULT_GLOBAL_BATCH,  # noqa: E402
+                                FIXED_OVERHEAD_GIB, GPUS, PRESETS, TP_EXPOSED_FRACTION, Layout,
+                                Workload, calibration_table, check_recipe, format_calibration,
+                                format_plan,
                                 format_suggestions, image_grid, load_model_config, plan, suggest)
 from megatron_omni.training.flops import audio_encoder_frames  # noqa: E402
 
@@ -86,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--impl", choices=["te", "local"],
                      help="layer implementation profile (default te on GPUs, local on cpu)")
     run.add_argument("--mfu", type=float,
-                     help=f"assumed steady-state MFU (default {ACHIEVABLE_MFU})")
+                     help=f"compute efficiency of the layers' math, communication excluded "
+                          f"(default {COMPUTE_EFFICIENCY})")
+    run.add_argument("--tp-exposed", type=float, metavar="F",
+                     help="share of TP collectives not hidden by TE's overlap (default "
+                          f"{TP_EXPOSED_FRACTION})")
     run.add_argument("--no-flash-attention", action="store_true",
                      help="count the s^2 attention scores (unfused attention)")
 
@@ -109,14 +115,34 @@ def build_parser() -> argparse.ArgumentParser:
                           "smallest-GPU-count layouts that fit, fastest first")
     out.add_argument("--top", type=int, default=5, help="layouts --suggest prints (default 5)")
     out.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.epilog = (f"Constants: fixed overhead {FIXED_OVERHEAD_GIB} GiB per GPU, assumed MFU "
-                f"{ACHIEVABLE_MFU}; see megatron_omni/plan.py.")
+    out.add_argument("--check-recipe", action="store_true",
+                     help="with --config and --gpus: plan the recipe over its data mix (rows per "
+                          "modality group, encoders on the first stage) and compare it with the "
+                          "best layouts found (memory: the heaviest rows under 90%%)")
+    out.add_argument("--data", metavar="DIR",
+                     help="with --check-recipe: take the mix from a prepared dataset's stored "
+                          "per-sample counts (tools/preprocess_data.py output) instead of the "
+                          "stated defaults")
+    out.add_argument("--calibration", action="store_true",
+                     help="print the planner vs every published Megatron-Core H100 row and exit")
+    p.epilog = (f"Constants: fixed overhead {FIXED_OVERHEAD_GIB} GiB per GPU, compute efficiency "
+                f"{COMPUTE_EFFICIENCY}; see megatron_omni/plan.py.")
     return p
+
+
+def _merge_mix(mix):
+    out: dict = {}
+    for w, label in mix:
+        out[label] = out.get(label, 0.0) + w
+    return [(w, k) for k, w in out.items()]
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.calibration:
+        print(format_calibration(calibration_table(args.tp_exposed)))
+        return 0
     if (args.model is None) == (args.config is None):
         parser.error("give one of --model or --config")
     try:
@@ -149,6 +175,19 @@ def main(argv=None) -> int:
         workload = Workload(seq, args.samples_per_row, tuple(grids), tuple(frames))
         name = args.model or Path(args.config).name
 
+        if args.check_recipe:
+            if args.gpus is None:
+                raise ConfigError("--check-recipe needs --gpus")
+            own, best = check_recipe(cfg, args.gpus, args.data, args.top, args.gpu)
+            top = max([own] + best, key=lambda p: (p.fits, p.tokens_per_s_per_gpu))
+            print(f"{name} on {args.gpus} x {GPUS[args.gpu].name}; row mix: "
+                  + ", ".join(f"{lab} {w:.0%}" for w, lab in _merge_mix(own.mix)))
+            print(format_plan(own))
+            print(f"\nbest layouts over the same mix (the recipe: "
+                  f"{own.tokens_per_s_per_gpu / top.tokens_per_s_per_gpu:.1%} of the best):")
+            print(format_suggestions(best))
+            return 0
+
         if args.suggest:
             gb = args.global_batch or DEFAULT_GLOBAL_BATCH
             plans = suggest(cfg, workload, args.gpu, precision, mbs, gb, cp, args.gpus, args.top,
@@ -177,7 +216,8 @@ def main(argv=None) -> int:
         layout = Layout(tp, pp, vpp, cp, dp, mbs, args.global_batch, sp, first, recompute,
                         dist_opt)
         result = plan(cfg, layout, workload, args.gpu, precision, args.impl, args.mfu,
-                      not args.no_flash_attention, name, memory_gib=args.gpu_memory_gib)
+                      not args.no_flash_attention, name, memory_gib=args.gpu_memory_gib,
+                      tp_exposed=args.tp_exposed)
     except ConfigError as e:
         print(f"plan.py: error: {e}", file=sys.stderr)
         return 2

@@ -144,13 +144,47 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     return cfg
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the
+    last value silently)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(
+                f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first at line "
+                f"{seen[key]}) in {key_node.start_mark.name}; keep one of them")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def _safe_load_yaml(path: Path) -> Any:
+    """Parse a YAML file; a syntax error or a duplicate key is a ConfigError naming the place."""
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise ConfigError(f"config file {path} is not valid YAML at {where}: {e.problem}"
+                          f"{' (' + e.context + ')' if e.context else ''}; fix the syntax "
+                          f"there") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+
+
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     if path.resolve() in seen:
         raise ConfigError(f"config file {path} includes itself through 'base'")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = _safe_load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at top level")
     base = data.pop("base", None)

@@ -296,6 +296,9 @@ class ParallelConfig:
             _check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1")
         _check(self.backend in ("auto", "nccl", "gloo"),
                f"parallel.backend must be auto|nccl|gloo, got {self.backend!r}")
+        _check(self.distributed_timeout_minutes > 0,
+               f"parallel.distributed_timeout_minutes must be > 0 (minutes before a collective "
+               f"times out), got {self.distributed_timeout_minutes}; 10 is a good default")
         if self.virtual_pipeline_model_parallel_size is not None:
             _check(
                 self.pipeline_model_parallel_size > 1,
@@ -366,6 +369,8 @@ class DataConfig:
         known = {"text", "image", "video", "audio", "interleaved", "gen_audio", "gen_image"}
         bad = [m for m in self.modalities if m not in known]
         _check(not bad, f"data.modalities has unknown {bad}; known: {sorted(known)}")
+        dup = sorted({m for m in self.modalities if self.modalities.count(m) > 1})
+        _check(not dup, f"data.modalities names {dup} more than once; list each modality once")
 
 
 @dataclass
@@ -403,7 +408,8 @@ class TrainingConfig:
     """Micro-batches per modality group per optimizer step (gradient accumulation)."""
 
     bf16: bool = False
-    """bf16 parameters/activations (GPU); CPU runs stay fp32."""
+    """bf16 parameters/activations (megatron-core modules, projectors, ViT; SAN-M stays fp32), on
+    the GPU and on the CPU alike, so CPU tests see what a GPU run sees."""
 
     fp8: Optional[str] = None
     """FP8 GEMMs via Transformer Engine: None, 'hybrid' or 'e4m3' (GPU only)."""
@@ -451,9 +457,24 @@ class TrainingConfig:
     grad_reduce_in_fp32: bool = True
     """Accumulate and all-reduce gradients in fp32 (DDP buffers) even when params are bf16."""
 
+    run_lock: bool = True
+    """Hold an exclusive lock (flock of ``<save>/.run.lock``) for the run's life so a second run
+    on the same training.save is refused; false only for file systems without flock."""
+
+    verify_checkpoint: bool = True
+    """Check every file of a checkpoint against the CRC-32 recorded at save before resuming from
+    it (one read of the checkpoint on rank 0); a damaged newest checkpoint is set aside and the
+    next older one used (auto-resume) or the run stops (training.load)."""
+
+    on_dp_change: str = "refuse"
+    """Resuming at another data-parallel size: 'refuse' (stop with what to do) or
+    'restart_data' (the data stream starts over; samples already seen are seen again)."""
+
     overlap_grad_reduce: bool = False
-    """Overlap the data-parallel gradient reduction with the backward pass (GPU only; always off
-    on CPU)."""
+    """Overlap the data-parallel gradient reduction with the backward pass (megatron-core DDP
+    buckets; gloo runs it asynchronously on the CPU too). Correct with modality groups whose
+    micro-batches skip an encoder: the model gives every trainable parameter a zero-weight
+    contribution in every micro-batch (``models/omni.py``)."""
 
     def __post_init__(self):
         _check(self.train_iters >= 0, "training.train_iters must be >= 0")
@@ -468,6 +489,24 @@ class TrainingConfig:
                f"training.optimizer must be adam|adamw, got {self.optimizer!r}")
         _check(self.keep_last_checkpoints >= 0,
                "training.keep_last_checkpoints must be >= 0 (0 keeps all)")
+        _check(self.on_dp_change in ("refuse", "restart_data"),
+               f"training.on_dp_change must be refuse|restart_data, got {self.on_dp_change!r}")
+        _check(self.log_interval >= 1,
+               f"training.log_interval must be >= 1 (steps between log lines), got "
+               f"{self.log_interval}")
+        for name, what in (("lr_warmup_iters", "0 = no warm-up"),
+                           ("clip_grad", "0 disables clipping"),
+                           ("weight_decay", "0 = none"),
+                           ("save_interval", "0 = save only at the end / on a signal"),
+                           ("max_nan_steps", "steps in a row with a NaN loss")):
+            _check(getattr(self, name) >= 0,
+                   f"training.{name} must be >= 0 ({what}), got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(0.0 <= getattr(self, name) < 1.0,
+                   f"training.{name} must be in [0, 1), got {getattr(self, name)}")
+        _check(self.adam_eps > 0, f"training.adam_eps must be > 0, got {self.adam_eps}")
+        _check(self.exit_interval is None or self.exit_interval >= 1,
+               f"training.exit_interval must be >= 1 or null, got {self.exit_interval}")
 
 
 @dataclass

@@ -97,12 +97,22 @@ def validate(cfg: OmniConfig, world_size: Optional[int] = None) -> None:
         errors.append(
             f"data.seq_length ({cfg.data.seq_length}) must be divisible by "
             f"parallel.tensor_model_parallel_size ({tp}) under sequence_parallel")
-    if cp > 1 and cfg.data.seq_length % (2 * cp):
-        errors.append(f"data.seq_length ({cfg.data.seq_length}) must be divisible by 2 * "
-                      f"context_parallel_size ({2 * cp})")
-    if cp > 1 and cfg.model.transformer_impl == "local":
-        errors.append("context parallelism needs Transformer Engine attention; set "
-                      "model.transformer_impl=transformer_engine or parallel.context_parallel_size=1")
+    if cp > 1:
+        # megatron-core's CP attention expects each rank to hold its 2*CP load-balanced slices of
+        # every packed sequence (and cu_seqlens_padded to match); nothing in the data path or the
+        # model slices batches that way yet, so CP > 1 would train on wrong attention.
+        errors.append(f"parallel.context_parallel_size={cp} is not supported yet: the packed rows "
+                      f"are not sliced per context-parallel rank; set "
+                      f"parallel.context_parallel_size=1 (use tensor/sequence or pipeline "
+                      f"parallelism for long rows)")
+    if (cfg.training.bf16 and not cfg.training.use_distributed_optimizer
+            and cfg.model.audio.enabled and cfg.stage.train_audio):
+        # megatron-core 0.16.1's bf16 optimizer (Float16OptimizerWithFloat16Params) maps its
+        # checkpoint state over bf16 parameters only; the fp32 SAN-M's state cannot be saved.
+        errors.append("training.bf16 with a trainable SAN-M encoder (fp32 parameters) needs "
+                      "training.use_distributed_optimizer=true: megatron-core's non-distributed "
+                      "bf16 optimizer cannot checkpoint fp32 parameters; or set "
+                      "stage.train_audio=false")
     if cfg.training.fp8 and cfg.model.transformer_impl == "local":
         errors.append("training.fp8 needs model.transformer_impl=transformer_engine (or auto on a "
                       "GPU with Transformer Engine)")

@@ -89,6 +89,7 @@ def read_safetensors_header(path: PathLike) -> dict:
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path}: malformed safetensors header")
     data = size - 8 - n
+    spans = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -101,6 +102,7 @@ def read_safetensors_header(path: PathLike) -> dict:
             raise CorruptCheckpointError(
                 f"{path} is truncated: tensor {key!r} needs bytes {begin}..{end} of the data "
                 f"section but the file holds only {data}; download or copy it again")
+        spans.append((int(begin), int(end), key))
         if dtype in _ST_DTYPES:
             numel = 1
             for s in shape:
@@ -109,6 +111,14 @@ def read_safetensors_header(path: PathLike) -> dict:
                 raise CorruptCheckpointError(
                     f"{path}: tensor {key!r} has {end - begin} bytes, {dtype}{shape} needs "
                     f"{numel * _ST_DTYPES[dtype][1]}")
+    # Tensors must not share bytes (safetensors' own reader raises a bare error on this).
+    spans.sort()
+    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+        if b1 < e0 and b1 < e1:
+            raise CorruptCheckpointError(
+                f"{path}: tensors {k0!r} (bytes {b0}..{e0}) and {k1!r} (bytes {b1}..{e1}) "
+                f"overlap in the data section: the file is damaged or was not written by a "
+                f"safetensors writer; obtain it again")
     return header
 
 

@@ -106,6 +106,7 @@ from megatron_omni.data.preprocess import (
     template_config_from,
     tokenizer_fingerprint,
     video_settings_from,
+    wav_truncation,
 )
 from megatron_omni.data.templates import (
     IGNORE_INDEX,
@@ -142,6 +143,8 @@ LOADER_SKIP_REASONS = (
     "token_count_mismatch",   # decoded/templated length differs from the stored count
     "missing_part",           # a media part named by the record is not in the shard
     "bad_sample",             # the stored sample no longer templates (SampleError)
+    "audio_size_mismatch",    # decoded audio length differs from the header's (truncated file)
+    "decode_failed",          # a decoder raised instead of reporting the item (any modality)
     # + the media decode reasons of megatron_omni.data.media (corrupt_image, unreadable_video, ...)
 )
 
@@ -335,6 +338,11 @@ class OmniTaskEncoder(TaskEncoder):
                 self._skip("missing_part", s.__key__, e)
                 wanted.append(None)
                 continue
+            short = next((w for w in map(wav_truncation, srcs["audios"]) if w), "")
+            if short:  # decoders would silently return fewer samples than the header says
+                self._skip("audio_size_mismatch", s.__key__, short)
+                wanted.append(None)
+                continue
             spans = {"images": (len(imgs), len(imgs) + len(srcs["images"])),
                      "videos": (len(vids), len(vids) + len(srcs["videos"])),
                      "audios": (len(auds), len(auds) + len(srcs["audios"]))}
@@ -345,9 +353,9 @@ class OmniTaskEncoder(TaskEncoder):
             auds += srcs["audios"]
             wanted.append((s, spans))
         dec = {
-            "images": proc.images(imgs) if imgs else [],
-            "videos": proc.videos(vids, seeds) if vids else [],
-            "audios": proc.audios(auds) if auds else [],
+            "images": _decode_guarded(proc.images, imgs),
+            "videos": _decode_guarded(proc.videos, vids, seeds),
+            "audios": _decode_guarded(proc.audios, auds),
         }
         out = []
         for item in wanted:
@@ -358,6 +366,12 @@ class OmniTaskEncoder(TaskEncoder):
             err = next((x for k in got for x in got[k] if isinstance(x, MediaError)), None)
             if err is not None:
                 self._skip(err.reason, s.__key__, err)
+                continue
+            stored = s.record.get("audio_num_samples")
+            if stored is not None and [int(w.numel()) for w in got["audios"]] != list(stored):
+                self._skip("audio_size_mismatch", s.__key__,
+                           f"decoded {[int(w.numel()) for w in got['audios']]} samples, header "
+                           f"said {stored}")
                 continue
             enc = self._template(s, got)
             if enc is not None:
@@ -474,6 +488,24 @@ class OmniTaskEncoder(TaskEncoder):
         )
 
 
+def _decode_guarded(fn: Callable, items: list, *extra: list) -> list:
+    """``fn(items, *extra)`` (one call per kind for the row); if it raises instead of returning
+    a MediaError per bad item, decode item by item so only the failing ones are lost, each as a
+    ``decode_failed`` MediaError (skipped and counted, never raised into the training loop)."""
+    if not items:
+        return []
+    try:
+        return fn(items, *extra)
+    except Exception:  # noqa: BLE001 - isolated per item below
+        out = []
+        for i, item in enumerate(items):
+            try:
+                out += fn([item], *[[e[i]] for e in extra])
+            except Exception as e:  # noqa: BLE001 - becomes a counted skip
+                out.append(MediaError("decode_failed", f"{type(e).__name__}: {e}"))
+        return out
+
+
 def _cat_patches(items: Sequence, width: int) -> torch.Tensor:
     if not items:
         return torch.zeros(0, width)
@@ -496,14 +528,22 @@ def make_worker_config(cfg: DataConfig, *, dp_rank: int, dp_size: int, dp_group=
 
 
 def _dp_from_megatron() -> tuple[int, int, Any]:
-    try:
-        from megatron.core import parallel_state as ps
+    """This rank in the data-parallel group, from megatron-core's parallel state. Without it, a
+    single process (no torch.distributed) is rank 0 of 1; a distributed job without megatron's
+    parallel state is an error: guessing "rank 0 of 1" would make every rank read the same data.
+    """
+    from megatron.core import parallel_state as ps
 
-        if ps.model_parallel_is_initialized():
-            return (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
-                    ps.get_data_parallel_group(with_context_parallel=False))
-    except Exception:  # pragma: no cover - megatron-core missing or not initialised
-        pass
+    if ps.model_parallel_is_initialized():
+        return (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+                ps.get_data_parallel_group(with_context_parallel=False))
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise RuntimeError(
+            "OmniLoaders: torch.distributed runs on "
+            f"{torch.distributed.get_world_size()} ranks but megatron-core's parallel state is "
+            "not initialised, so the data-parallel rank is unknown; pass dp_rank= and dp_size= "
+            "(the trainer does)")
     return 0, 1, None
 
 
@@ -572,6 +612,18 @@ class ModalityLoader:
 class _Dataset:
     path: Path
     meta: dict
+
+
+def loader_media_backend(name: str):
+    """The media backend of the loader side (Energon workers, or the training process with
+    ``num_workers: 0``): ``data.media_backend`` with DALI restricted to its CPU operators.
+
+    Energon forks its workers after the trainer initialised CUDA, so a GPU pipeline built in a
+    worker fails ("Cannot re-initialize CUDA in forked subprocess"), and one per loader and worker
+    (9 loaders x 4 workers) would be dozens of GPU pipelines per rank. Loader-side decoding
+    therefore never touches the GPU, whatever the machine has.
+    """
+    return select_backend(name, dali_device="cpu")
 
 
 class OmniLoaders:
@@ -653,7 +705,7 @@ class OmniLoaders:
         if self._processor_factory is not None:
             return self._processor_factory(meta)
         tmpl = template_config_from(meta["template"])
-        return MediaProcessor(select_backend(self.cfg.media_backend),
+        return MediaProcessor(loader_media_backend(self.cfg.media_backend),
                               image=image_settings_from(meta["image"]),
                               video=video_settings_from(meta["video"]),
                               audio_tokens=tmpl.audio_tokens_per_clip)

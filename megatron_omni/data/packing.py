@@ -99,6 +99,12 @@ class SampleInfo:
     """Pre-merge 14-px vision patches (``t*h*w`` of every grid_thw; 4x the vision LLM tokens)."""
     modality: str = "text"
     """``text`` (pure text: the only modality that may be truncated), ``image``, ``video``, ..."""
+    attention_blocks: tuple = ()
+    """Pre-merge patches of every ViT attention block (one per image, one per temporal slice
+    ``h*w`` of a video), for the compute cost (:mod:`megatron_omni.data.dp_balance`); empty =
+    one block of ``num_patches``."""
+    audio_frames: tuple = ()
+    """SAN-M encoder frames of every audio clip (compute cost only)."""
 
     @property
     def is_pure_text(self) -> bool:
@@ -564,26 +570,29 @@ def realistic_mix(num_samples: int, seed: int = 0) -> list[SampleInfo]:
     """A fixed-seed M2-omni-like mix of descriptors, for benchmarks and tests.
 
     40% image captions (one image of 100-2560 LLM tokens + 20-80 text tokens), 20% audio
-    (256 audio tokens + 10-60 text), 15% video (1024-6144 tokens + 10-60 text), 25% long pure text
-    (200-8000 tokens). Media samples carry their template overhead (chat headers 12 tokens,
-    ``<image>``/``</image>`` style wrappers 2 tokens); vision patches are 4x the vision tokens
-    (2x2 merge).
+    (256 audio tokens + 10-60 text; a 5-30 s clip of 83-500 SAN-M frames), 15% video
+    (1024-6144 tokens + 10-60 text; 8 temporal slices), 25% long pure text (200-8000 tokens).
+    Media samples carry their template overhead (chat headers 12 tokens, ``<image>``/``</image>``
+    style wrappers 2 tokens); vision patches are 4x the vision tokens (2x2 merge).
     """
     rng = random.Random(seed)
+    clip = random.Random(f"{seed}-audio")  # separate stream: the token draws stay as they were
     out: list[SampleInfo] = []
     for i in range(num_samples):
         u = rng.random()
         if u < 0.40:
             vis = rng.randint(100, 2560)
             n = vis + 2 + rng.randint(20, 80) + 12
-            out.append(SampleInfo(i, n, 1, 4 * vis, "image"))
+            out.append(SampleInfo(i, n, 1, 4 * vis, "image", (4 * vis,)))
         elif u < 0.60:
             n = 256 + 2 + rng.randint(10, 60) + 12
-            out.append(SampleInfo(i, n, 0, 0, "audio"))
+            # a 5-30 s clip: SAN-M LFR frames ~ 16.7 per second
+            out.append(SampleInfo(i, n, 0, 0, "audio", (), (clip.randint(83, 500),)))
         elif u < 0.75:
             vis = rng.randint(1024, 6144)
             n = vis + 2 + rng.randint(10, 60) + 12
-            out.append(SampleInfo(i, n, 1, 4 * vis, "video"))
+            # 16 frames = 8 temporal slices, the ViT attends within each slice
+            out.append(SampleInfo(i, n, 1, 4 * vis, "video", (4 * vis // 8,) * 8))
         else:
             out.append(SampleInfo(i, rng.randint(200, 8000), 0, 0, "text"))
     return out

@@ -40,7 +40,9 @@ Validation, per line, cheapest first; the first failure skips the line with a re
 4. media headers are probed (:class:`~megatron_omni.data.media.MediaProcessor` planning calls:
    image size with the pixel cap -> ``image_too_large``, aspect ratio -> ``bad_aspect_ratio``,
    video container / stream / frame count -> ``unreadable_video``, audio header ->
-   ``unreadable_audio``; audio longer than ``max_audio_seconds`` -> ``audio_too_long``);
+   ``unreadable_audio``; audio longer than ``max_audio_seconds`` -> ``audio_too_long``,
+   shorter than ``min_audio_seconds`` -> ``audio_too_short``, a WAV whose header promises more
+   data bytes than the file holds -> ``audio_size_mismatch``);
 5. **cheap image verify** (``verify_images``, on by default): a header can be intact while the
    pixel data is cut short (a truncated JPEG). JPEGs are decoded in Pillow's draft mode (DCT
    scaling at 1/8 size, a small fraction of a full decode, result thrown away); other formats run
@@ -121,6 +123,8 @@ PREPROCESS_REASONS = frozenset(SKIP_REASONS) | {
     "bad_json",         # the line is not valid JSON
     "bad_media_path",   # absolute, empty or escaping the media root
     "audio_too_long",   # longer than PreprocessConfig.max_audio_seconds
+    "audio_too_short",  # shorter than PreprocessConfig.min_audio_seconds
+    "audio_size_mismatch",  # a WAV header promises more sample bytes than the file holds
     "internal_error",   # an unexpected exception (a bug); logged with its traceback
     # media reasons (megatron_omni.data.media.backends.REASONS)
     "missing_file", "corrupt_image", "image_too_large", "unreadable_video", "bad_frame_index",
@@ -150,6 +154,9 @@ class PreprocessConfig:
     """Images whose header claims more pixels are skipped (``image_too_large``)."""
     max_audio_seconds: float | None = 600.0
     """Longer audio clips are skipped (``audio_too_long``); None = no limit."""
+    min_audio_seconds: float = 0.1
+    """Shorter audio clips are skipped (``audio_too_short``): the audio front end needs at least
+    one 25 ms analysis frame, and a clip under 0.1 s carries no speech."""
     verify_images: bool = True
     """Cheap decode check of images (JPEG draft decode / Pillow verify) to catch truncated data."""
     shard_max_samples: int = 1000
@@ -164,6 +171,9 @@ class PreprocessConfig:
             raise ValueError("PreprocessConfig.shard_max_bytes must be >= 1")
         if self.max_audio_seconds is not None and self.max_audio_seconds <= 0:
             raise ValueError("PreprocessConfig.max_audio_seconds must be positive or None")
+        if self.min_audio_seconds < 0.025:
+            raise ValueError("PreprocessConfig.min_audio_seconds must be >= 0.025 (one 25 ms "
+                             "analysis frame of the audio front end)")
 
 
 class SkipLine(Exception):
@@ -274,6 +284,28 @@ def _read(path: Path, rel: str) -> bytes:
         raise SkipLine("missing_file", f"{rel}: cannot read ({e})") from None
 
 
+def wav_truncation(data: bytes) -> str:
+    """For a RIFF/WAVE file: why its ``data`` chunk is shorter than its header says (empty
+    string when it is whole, or when the bytes are not a WAV). Reads the chunk headers only."""
+    import struct
+
+    if len(data) < 12 or data[:4] not in (b"RIFF", b"RF64") or data[8:12] != b"WAVE":
+        return ""
+    pos = 12
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        if cid == b"data":
+            if data[:4] == b"RF64" or size == 0xFFFFFFFF:
+                return ""  # size lives in the ds64 chunk; soundfile's frame count is trusted
+            have = len(data) - (pos + 8)
+            if have < size:
+                return (f"WAV header promises {size} data bytes, the file holds {have} "
+                        f"(truncated)")
+            return ""
+        pos += 8 + size + (size & 1)
+    return "WAV file has no complete data chunk"
+
+
 def verify_image(data: bytes) -> None:
     """Cheap check that an image's pixel data is complete (see the module docstring)."""
     from PIL import Image
@@ -353,6 +385,12 @@ def process_line(raw: bytes, *, key: str, modality: str, split: str, source: str
                     if cfg.max_audio_seconds is not None and frames / sr > cfg.max_audio_seconds:
                         raise SkipLine("audio_too_long", f"{rel}: {frames / sr:.1f} s > "
                                        f"{cfg.max_audio_seconds} s")
+                    if frames / sr < cfg.min_audio_seconds:
+                        raise SkipLine("audio_too_short", f"{rel}: {frames / sr * 1000:.0f} ms "
+                                       f"< {cfg.min_audio_seconds} s")
+                    short = wav_truncation(data)
+                    if short:
+                        raise SkipLine("audio_size_mismatch", f"{rel}: {short}")
                     audio_samples.append(resampled_length(frames, sr, TARGET_SAMPLE_RATE))
                 name = f"{_MEDIA_PART_PREFIX[kind]}{i}.{_ext(rel)}"
                 parts.append((name, data))
@@ -529,6 +567,7 @@ class SplitStats:
     tokens: int = 0
     max_tokens: int = 0
     shards: list[str] = field(default_factory=list)
+    token_hist: Counter = field(default_factory=Counter)  # num_tokens -> samples (omni.json)
 
     def as_dict(self) -> dict[str, Any]:
         return {"lines": self.lines, "written": self.written,
@@ -710,6 +749,7 @@ def preprocess(
                 st.written += 1
                 st.tokens += rec["num_tokens"]
                 st.max_tokens = max(st.max_tokens, rec["num_tokens"])
+                st.token_hist[int(rec["num_tokens"])] += 1
             else:
                 st.skipped[res[1]] += 1
                 skipped_log.write(json.dumps({"source": task.source, "modality": task.modality,
@@ -739,7 +779,12 @@ def preprocess(
             continue
         _prepare_energon(out / m, shards, m, workers)
         meta = dict(settings, modality=m, fingerprint=settings_fingerprint(settings),
-                    splits={sp: stats[m][sp].written for sp in stats[m]})
+                    splits={sp: stats[m][sp].written for sp in stats[m]},
+                    # {split: {num_tokens: samples}}: lets training check data.seq_length
+                    # against the stored lengths before it starts (config/validate_data.py).
+                    token_counts={sp: {str(k): v for k, v in sorted(stats[m][sp].token_hist
+                                                                    .items())}
+                                  for sp in stats[m]})
         (out / m / ".nv-meta" / OMNI_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
         datasets[m] = str(out / m)
 

@@ -5,9 +5,13 @@ Transformer Engine there. This module is the CPU/portable stand-in plugged into 
 ``core_attention``. It takes the same constructor and ``forward`` arguments as megatron-core's core
 attention modules and handles:
 
-* THD packed rows (``packed_seq_params.qkv_format == "thd"``): ``query`` is ``[t, heads, dim]`` and
-  attention is computed per segment of ``cu_seqlens`` with PyTorch SDPA, so no token ever attends
-  across a sample boundary and no FLOPs are spent on the off-diagonal blocks;
+* THD packed rows (``packed_seq_params.qkv_format == "thd"``): ``query`` is ``[t, heads, dim]``.
+  On a GPU (Transformer Engine absent, e.g. a plain CUDA torch) the whole row goes through torch's
+  compiled flex attention with a block mask "same segment (and causal)": one fused kernel, blocks
+  outside the segments skipped, no per-sample Python loop. On the CPU (and with attention dropout,
+  which flex attention lacks) attention is computed per segment of ``cu_seqlens`` with SDPA,
+  exactly; either way no token attends across a sample boundary. ``OMNI_THD_ATTENTION=flex|loop``
+  forces one path (tests compare the two on the CPU, where flex runs unfused);
 * ordinary ``[s, b, heads, dim]`` batches, causal or with an explicit boolean mask (True = masked,
   megatron's convention);
 * grouped-query attention (key/value heads repeated to the query heads);
@@ -17,6 +21,7 @@ attention modules and handles:
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -74,6 +79,22 @@ class VarlenSDPAttention(MegatronModule):
                                               is_causal=causal and mask is None,
                                               scale=self.softmax_scale)
 
+    def _thd_path(self, query: torch.Tensor) -> str:
+        forced = os.environ.get("OMNI_THD_ATTENTION", "").lower()
+        if forced in ("flex", "loop"):
+            return forced
+        dropout = self.dropout_p if self.training else 0.0
+        return "flex" if (query.is_cuda and dropout == 0.0 and flex_available()) else "loop"
+
+    def _thd_flex(self, query, key, value, cu, causal: bool, params) -> torch.Tensor:
+        """The whole packed row in one flex-attention call with a segment (+causal) block mask."""
+        t = query.shape[0]
+        mask = _segment_block_mask(params, cu, t, causal, query.device)
+        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
+        out = _flex_fn(query.is_cuda)(q, k, v, block_mask=mask, scale=self.softmax_scale,
+                                      enable_gqa=k.shape[1] != q.shape[1])
+        return out[0].permute(1, 0, 2).reshape(t, -1)
+
     def forward(
         self,
         query: torch.Tensor,
@@ -93,6 +114,8 @@ class VarlenSDPAttention(MegatronModule):
             if cu is None:
                 cu = packed_seq_params.cu_seqlens_q
             t = query.shape[0]
+            if self._thd_path(query) == "flex":
+                return self._thd_flex(query, key, value, cu, causal, packed_seq_params)
             bounds = cu.tolist()
             if bounds[0] != 0 or bounds[-1] != t:
                 raise ValueError(f"cu_seqlens {bounds} must start at 0 and end at the packed "
@@ -119,6 +142,59 @@ class VarlenSDPAttention(MegatronModule):
         out = self._sdpa(q, k, v, causal, mask)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa
+    except ImportError:
+        return False
+    return True
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_fn(compiled: bool):
+    """flex_attention, compiled once on the GPU (the fused kernel); eager elsewhere."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not compiled:
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention)
+    return _COMPILED_FLEX
+
+
+def _segment_block_mask(params, cu: torch.Tensor, t: int, causal: bool, device):
+    """Block mask "query and key in the same cu_seqlens segment (and key <= query)", built once
+    per packed row and kept on its ``PackedSeqParams`` (all layers of the row share it)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (t, causal, str(device))
+    cache = getattr(params, "_omni_block_masks", None)
+    if cache is None:
+        cache = {}
+        try:
+            params._omni_block_masks = cache
+        except (AttributeError, TypeError):
+            pass
+    if key in cache:
+        return cache[key]
+    cu = cu.to(device=device, dtype=torch.long)
+    lengths = cu[1:] - cu[:-1]
+    doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+
+    if causal:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return doc[q_idx] == doc[kv_idx]
+
+    cache[key] = create_block_mask(mask_mod, None, None, t, t, device=device)
+    return cache[key]
 
 
 def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: Optional[int] = None

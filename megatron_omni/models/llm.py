@@ -50,7 +50,7 @@ def llm_transformer_config(cfg: OmniConfig, **overrides) -> TransformerConfig:
     """megatron-core TransformerConfig for the LLM of ``cfg``."""
     llm, par, tr = cfg.model.llm, cfg.parallel, cfg.training
     on_gpu = torch.cuda.is_available()
-    dtype = torch.bfloat16 if (tr.bf16 and on_gpu) else torch.float32
+    dtype = torch.bfloat16 if tr.bf16 else torch.float32  # bf16 runs on the CPU too
     kwargs = dict(
         num_layers=llm.num_layers,
         hidden_size=llm.hidden_size,
@@ -177,9 +177,13 @@ def build_llm(cfg: OmniConfig, pre_process: Optional[bool] = None,
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     vocab = padded_vocab_size(cfg.model.llm.vocab_size, cfg.model.llm.make_vocab_size_divisible_by,
                               cfg.parallel.tensor_model_parallel_size)
-    return OmniLLM(config, cfg.model.llm, vocab, transformer_impl=impl, pre_process=pre_process,
-                   post_process=post_process, vp_stage=vp_stage,
-                   scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel)
+    from ..parallel.device import place_module
+
+    # The local spec's torch norms are built on the CPU; megatron-core modules on the device.
+    return place_module(OmniLLM(
+        config, cfg.model.llm, vocab, transformer_impl=impl, pre_process=pre_process,
+        post_process=post_process, vp_stage=vp_stage,
+        scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel))
 
 
 def build_llm_chunks(cfg: OmniConfig) -> list[OmniLLM]:
@@ -209,6 +213,11 @@ def load_full_llm_state(chunk: OmniLLM, full: dict, strict: bool = True) -> None
     local = stage_state_dict(full, ps.get_tensor_model_parallel_rank(),
                              ps.get_tensor_model_parallel_world_size(), offset, n,
                              chunk.pre_process, chunk.post_process)
+    if getattr(chunk, "transformer_impl", "local") == "transformer_engine":
+        from ..convert.qwen2vl import to_te_layout
+
+        # TE layers fuse the pre-attention/pre-MLP norms into linear_qkv/linear_fc1.
+        local = to_te_layout(local)
     load_local_state(chunk, local, strict)
 
 

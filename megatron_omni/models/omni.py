@@ -29,6 +29,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from ..config.schema import ConfigError, OmniConfig
 from ..data.special_tokens import NUM_SPECIAL, SpecialTokenIds
+from ..parallel.device import place_module
 from .audio import AudioTokenizerHead, SANMConfig, SANMEncoder, pad_audio_tokens
 from .audio_features import CMVN, batch_waveforms_to_features
 from .llm import build_llm, llm_transformer_config
@@ -119,13 +120,18 @@ class OmniModel(MegatronModule):
 
             self.vision_model = VisionEncoder(cfg)
             self.linear_proj = build_projector(self.vision_model.out_hidden, hidden,
-                                               m.projector.vision_depth)
+                                               m.projector.vision_depth,
+                                               dtype=config.params_dtype)
         if self.add_encoders and m.audio.enabled:
             self.audio_model = SANMEncoder(sanm_config(cfg))
             self.audio_head = AudioTokenizerHead(m.audio.frames_per_token,
                                                  m.audio.tokens_per_clip)
             self.linear_proj_audio = build_projector(m.audio.frames_per_token * m.audio.hidden_size,
-                                                     hidden, m.projector.audio_depth)
+                                                     hidden, m.projector.audio_depth,
+                                                     dtype=config.params_dtype)
+        # Plain torch modules (ViT patch embedding and merger norm, projectors, SAN-M, torch
+        # norms) are built on the CPU; megatron-core modules already sit on the compute device.
+        place_module(self)
 
     # --- pipeline plumbing ------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -137,7 +143,9 @@ class OmniModel(MegatronModule):
     # --- encoders -----------------------------------------------------------------------------
     def vision_features(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """[N_patches, C*T*14*14] + grid -> L2-normalised LLM-space features [N/4, hidden]."""
-        feats = self.linear_proj(self.vision_model(patches, grid_thw))
+        vit = self.vision_model(patches, grid_thw)
+        # The ViT's output dtype follows its params (bf16 under training.bf16): cast explicitly.
+        feats = self.linear_proj(vit.to(self.linear_proj[0].weight.dtype))
         return F.normalize(feats, dim=-1)
 
     def audio_features(self, waveforms: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -160,7 +168,8 @@ class OmniModel(MegatronModule):
                    ) -> str:
         if cu_seqlens is None:
             return f"position {pos}"
-        idx = int(torch.searchsorted(cu_seqlens.to(torch.long), torch.tensor(pos), right=True)) - 1
+        cu = cu_seqlens.to(torch.long)
+        idx = int(torch.searchsorted(cu, torch.tensor(pos, device=cu.device), right=True)) - 1
         name = names[idx] if names is not None and idx < len(names) else f"#{idx}"
         return f"sample {name} (position {pos})"
 
@@ -182,6 +191,19 @@ class OmniModel(MegatronModule):
             raise SpliceError(f"{kind}: {int(mask.sum())} patch tokens but {feats.shape[0]} "
                               f"feature rows")
         return emb_bsh.masked_scatter(mask.unsqueeze(-1), feats.to(emb_bsh.dtype))
+
+    def _untouched_trainable(self, vision: bool, audio: bool) -> list[torch.nn.Parameter]:
+        """Trainable encoder/projector parameters this micro-batch does not use (training with
+        autograd on only)."""
+        if not (self.training and torch.is_grad_enabled()):
+            return []
+        mods = []
+        if not vision:
+            mods += [getattr(self, n, None) for n in ("vision_model", "linear_proj")]
+        if not audio:
+            mods += [getattr(self, n, None) for n in ("audio_model", "audio_head",
+                                                      "linear_proj_audio")]
+        return [p for m in mods if m is not None for p in m.parameters() if p.requires_grad]
 
     def embed(self, tokens: torch.Tensor, vision_patches=None, vision_grid_thw=None,
               audio_waveforms=None, cu_seqlens=None, sample_names=None) -> torch.Tensor:
@@ -216,6 +238,18 @@ class OmniModel(MegatronModule):
             raise SpliceError(f"{self._sample_of(start, cu_seqlens, sample_names)}: audio patch "
                               f"tokens but no audio inputs in the batch")
         emb = emb_bsh.transpose(0, 1).contiguous()
+        untouched = self._untouched_trainable(
+            vision=vision_grid_thw is not None and len(vision_grid_thw) > 0,
+            audio=audio_waveforms is not None and len(audio_waveforms) > 0)
+        if untouched:
+            # Zero-weight contribution: every trainable parameter is in every micro-batch's graph
+            # (its gradient here is exactly 0). megatron-core's DDP with overlap_grad_reduce
+            # launches a bucket's reduction when all its parameters reported a gradient in the
+            # last micro-batch, with the per-parameter counts recorded at step 1; a parameter the
+            # last micro-batch skips leaves its bucket unlaunched (``finish_grad_sync`` /
+            # ``reset`` assert). Reading one element per parameter keeps the forward free.
+            zero = torch.stack([p.reshape(-1)[0].float() for p in untouched]).sum() * 0.0
+            emb = emb + zero.to(emb.dtype)
         if self.config.sequence_parallel:
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
         return emb

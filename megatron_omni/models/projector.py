@@ -9,13 +9,19 @@ receive identical gradients there.
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 from torch import nn
 
 
-def build_projector(in_features: int, out_features: int, depth: int = 1) -> nn.Sequential:
+def build_projector(in_features: int, out_features: int, depth: int = 1,
+                    dtype: Optional[torch.dtype] = None) -> nn.Sequential:
+    """``dtype``: the model's params dtype (bf16 under ``training.bf16``, like the megatron-core
+    modules around it); callers cast the encoder features to it."""
     if depth < 1:
         raise ValueError(f"projector depth must be >= 1, got {depth}")
-    layers: list[nn.Module] = [nn.Linear(in_features, out_features)]
+    layers: list[nn.Module] = [nn.Linear(in_features, out_features, dtype=dtype)]
     for _ in range(depth - 1):
-        layers += [nn.GELU(), nn.Linear(out_features, out_features)]
+        layers += [nn.GELU(), nn.Linear(out_features, out_features, dtype=dtype)]
     return nn.Sequential(*layers)

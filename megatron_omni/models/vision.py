@@ -129,8 +129,7 @@ def vision_transformer_config(cfg: OmniConfig, **overrides) -> TransformerConfig
     sequence or context parallelism whatever the LLM uses (the ViT runs whole on the first stage).
     No FP8 either: the patch count is arbitrary, FP8 GEMMs want multiples of 16.
     """
-    on_gpu = torch.cuda.is_available()
-    dtype = torch.bfloat16 if (cfg.training.bf16 and on_gpu) else torch.float32
+    dtype = torch.bfloat16 if cfg.training.bf16 else torch.float32  # on the CPU too
     return _vision_config(cfg.model.vision, cfg.parallel.tensor_model_parallel_size, dtype,
                           cfg.training.recompute_granularity, **overrides)
 

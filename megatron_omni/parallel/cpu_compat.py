@@ -24,9 +24,10 @@ Shims (megatron-core 0.16.1):
    elsewhere.
 4. ``Tensor.cuda()`` -> identity (``optimizer/distrib_optimizer.py`` moves gathered state with
    ``.cuda()``; without CUDA that call could only raise).
-5. ``DistributedOptimizer._build_model_and_main_param_groups`` and
-   ``optimizer/clip_grads.py``'s ``clip_grad_by_total_norm_fp32`` accept only
-   ``param.type() == 'torch.cuda.FloatTensor'``; during those calls the no-argument
+5. ``DistributedOptimizer._build_model_and_main_param_groups``,
+   ``Float16OptimizerWithFloat16Params.__init__`` (the bf16 optimizer without the distributed
+   optimizer) and ``optimizer/clip_grads.py``'s ``clip_grad_by_total_norm_fp32`` accept only
+   ``param.type()`` in the ``torch.cuda.*Tensor`` names; during those calls the no-argument
    ``Tensor.type()`` reports CPU tensors under the CUDA type names.
 """
 
@@ -192,6 +193,10 @@ def _shim_type_checks():
     original = DistributedOptimizer._build_model_and_main_param_groups.__func__  # a classmethod
     DistributedOptimizer._build_model_and_main_param_groups = classmethod(
         _with_cuda_type_names(original))
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    Float16OptimizerWithFloat16Params.__init__ = _with_cuda_type_names(
+        Float16OptimizerWithFloat16Params.__init__)
     for home, name, holders in TYPE_CHECKED_FUNCTIONS:
         wrapped = _with_cuda_type_names(getattr(importlib.import_module(home), name))
         for holder in holders:

@@ -503,9 +503,9 @@ def all_reduce_mean_losses(losses: Mapping[str, float], group=None) -> dict[str,
         return {n: vals[n] for n in losses}
     world = dist.get_world_size(group)
     checksum = float(zlib.crc32("\0".join(names).encode()))
-    device = torch.device("cpu")
-    if dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
+    from ..parallel.device import comm_device
+
+    device = comm_device(group)
     t = torch.tensor([vals[n] for n in names] + [checksum], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     t = t.cpu().tolist()

@@ -6,10 +6,12 @@ directory of a save in progress::
     root/
       latest                     "step_00000120" (atomic write: temp file + os.replace)
       step_00000100/             a complete checkpoint
-        complete.json            completion marker, written last, before the directory is renamed
+        complete.json            completion marker, written last, before the directory is renamed;
+                                 size + CRC-32 of every file (verified before a resume)
         config.yaml              the run config (human-readable copy)
         metadata.json common.pt *.distcp ...   the dist_checkpointing payload
-        rank_state/rank_00003.pt per-rank RNG states + rank-local extra state (e.g. data loader)
+        rank_state/rank_00003.json per-rank RNG states + rank-local extra state (e.g. data
+                                 loader), tagged JSON that loads without running code
         rank_state/index.json    global rank -> (tp, pp, dp, cp) ranks at save time
       tmp_step_00000120/         a save in progress, or one killed midway: never loaded, deleted
                                  by the next save
@@ -35,8 +37,14 @@ rank-local state exactly; with deterministic kernels the loss curve continues bi
 optimizer and scheduler still load (resharded); rank-specific state cannot map one-to-one, so the
 RNGs are re-seeded from (seed, step, pipeline rank) and the rank-local state is taken from a
 saved rank with the same data-parallel rank when the data-parallel size is unchanged, else it is
-None and the caller must rebuild its data position from global counters (see
-``extra[META_KEY]['rank_local_source']``).
+None (see ``extra[META_KEY]['rank_local_source']``); the trainer then refuses the resume unless
+``training.on_dp_change=restart_data`` (``training/resume.py``), since Energon's per-rank loader
+positions do not map onto another data-parallel size.
+
+Integrity: ``complete.json`` lists size + CRC-32 of every file (each rank checksums the files it
+wrote, rank 0 the rest) and ``training/ckpt_integrity.py`` verifies them before a resume. Rank
+state files are tagged JSON (``training/safe_state.py``): reading one never runs code; the old
+pickled ``rank_XXXXX.pt`` files are read only with ``MEGATRON_OMNI_TRUST_PICKLED_RANK_STATE=1``.
 
 Publishing is atomic: every rank writes into ``tmp_step_XXXXXXXX``; after a barrier rank 0 writes
 ``complete.json``, renames the directory to ``step_XXXXXXXX``, rewrites ``latest`` and only then
@@ -88,6 +96,12 @@ megatron-core bugs worked around here (megatron-core 0.16.1):
    :func:`_restore_zero_common_step` puts the 0 back before loading.
 5. The distributed optimizer's default sharding type is rejected by dist_checkpointing
    ("flattened_range is not supported"): we always pass ``fully_reshardable``.
+6. ``filesystem_async._get_write_results_queue`` (used by every torch_dist save, async or not)
+   starts a ``multiprocessing`` manager server process (spawn) on the first save and keeps it for
+   the process's life; when the rank is SIGKILLed (OOM killer, ``kill -9``, a node agent) that
+   server and its resource tracker are orphaned and run on (idle) until someone kills them.
+   Fix: :func:`_own_results_queue` creates that queue first, from a manager whose server asks the
+   kernel to end it with its parent (``prctl(PR_SET_PDEATHSIG)``, Linux; elsewhere unchanged).
 """
 
 from __future__ import annotations
@@ -106,6 +120,9 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from . import ckpt_integrity as integrity
+from . import safe_state
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +153,40 @@ class CheckpointError(RuntimeError):
 
 def step_dir_name(step: int) -> str:
     return f"step_{int(step):08d}"
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank_{int(rank):05d}.json"
+
+
+TRUST_PICKLE_ENV = "MEGATRON_OMNI_TRUST_PICKLED_RANK_STATE"
+"""Set to 1 to read a rank state file of the old pickle format (``rank_XXXXX.pt``, checkpoints
+written before the JSON format): unpickling runs code from the file, so only for checkpoints you
+wrote yourself."""
+
+
+def read_rank_file(rank_dir: Path, rank: int) -> Optional[dict]:
+    """One rank's saved state, or None if the checkpoint has no file for it. Never unpickles
+    unless :data:`TRUST_PICKLE_ENV` is set (old ``.pt`` files)."""
+    path = Path(rank_dir) / rank_file_name(rank)
+    if path.is_file():
+        try:
+            return safe_state.loads(path.read_bytes())
+        except (safe_state.UnsafeStateError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: unreadable rank state ({e})") from None
+    legacy = Path(rank_dir) / f"rank_{int(rank):05d}.pt"
+    if not legacy.is_file():
+        return None
+    if os.environ.get(TRUST_PICKLE_ENV) == "1":
+        return torch.load(legacy, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with advice
+        raise CheckpointError(
+            f"{legacy} is a pickled rank state file (old format) that holds more than plain "
+            f"tensors; unpickling it could run code from the file, so it is not read. If you "
+            f"wrote this checkpoint yourself, set {TRUST_PICKLE_ENV}=1 for this resume (the next "
+            f"checkpoint is written in the safe format). ({type(e).__name__})") from None
 
 
 # --- finding checkpoints --------------------------------------------------------------------------
@@ -472,6 +523,40 @@ def _check_common_loadable(obj: Any, what: str) -> None:
         ) from e
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Manager-server initializer: SIGTERM this process when its parent dies (Linux)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _own_results_queue() -> None:
+    """Work-around 6 of the module docstring: megatron-core's write-results queue from a
+    manager that dies with this process."""
+    import multiprocessing as mp
+    import sys
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if fa._results_queue is not None or not sys.platform.startswith("linux"):
+        return
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+    fa._results_queue = manager.Queue()
+    _OWN_MANAGER.append(manager)  # keep it referenced for the process's life
+
+
+_OWN_MANAGER: list = []
+
+
 def _save_strategy():
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
@@ -496,11 +581,15 @@ def _config_yaml(cfg) -> Optional[str]:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def _publish(root: Path, tmp: Path, final: Path, step: int, keep_last: int, meta: dict) -> None:
-    """Rank 0, after every rank finished writing into ``tmp``."""
+def _publish(root: Path, tmp: Path, final: Path, step: int, keep_last: int, meta: dict,
+             known_sums: Optional[dict] = None) -> None:
+    """Rank 0, after every rank finished writing into ``tmp``. ``known_sums``: checksums the
+    ranks computed for their own files; the remaining files are checksummed here."""
+    known = dict(known_sums or {})
+    files = {**known, **integrity.file_checksums(tmp, skip=known)}
     _atomic_write_bytes(tmp / COMPLETE, json.dumps(
-        {"step": int(step), "time": time.time(), "format": FORMAT, "layout": meta["layout"]},
-        indent=1).encode())
+        {"step": int(step), "time": time.time(), "format": FORMAT, "layout": meta["layout"],
+         "files": dict(sorted(files.items()))}, indent=1).encode())
     _fsync_dir(tmp)
     replaced = None
     if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
@@ -590,13 +679,18 @@ def save_checkpoint(root: Union[str, Path], step: int, model_chunks: Sequence[to
         tmp.mkdir()
 
     _on_rank0(prepare, f"creating {tmp}")
+    _own_results_queue()
     dist_checkpointing.save(sd, str(tmp), sharded_strategy=_save_strategy())
 
     rank_dir = tmp / RANK_DIR
     rank_dir.mkdir(exist_ok=True)
-    buf = io.BytesIO()
-    torch.save({"layout": layout, "rng": capture_rng_state(), RANK_LOCAL: rank_local}, buf)
-    _atomic_write_bytes(rank_dir / f"rank_{rank:05d}.pt", buf.getvalue())
+    # Tagged JSON, not a pickle: reading it back runs no code (training/safe_state.py).
+    _atomic_write_bytes(rank_dir / rank_file_name(rank), safe_state.dumps(
+        {"layout": layout, "rng": capture_rng_state(), RANK_LOCAL: rank_local}))
+    # Each rank checksums what it wrote (in parallel); rank 0 adds the common files.
+    sums = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(sums, integrity.file_checksums(
+        tmp, only=integrity.own_files(tmp, rank)))
     layouts = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(layouts, layout)
     if rank == 0:
@@ -605,7 +699,9 @@ def save_checkpoint(root: Union[str, Path], step: int, model_chunks: Sequence[to
             (tmp / "config.yaml").write_text(config_yaml)
     torch.distributed.barrier()  # every rank's files are on disk
 
-    _on_rank0(lambda: _publish(root, tmp, final, step, keep_last, meta), f"publishing {final}")
+    known = {k: v for part in sums for k, v in part.items()}
+    _on_rank0(lambda: _publish(root, tmp, final, step, keep_last, meta, known),
+              f"publishing {final}")
     if rank == 0:
         log.info("saved checkpoint %s", final)
     return final
@@ -623,10 +719,10 @@ def _matches(key: str, prefixes: Sequence[str]) -> bool:
 
 
 def _comm_device(group=None):
-    """Where tensors for collectives must live: the current GPU with NCCL, else CPU."""
-    if torch.distributed.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where tensors for collectives must live (the one rule of ``parallel/device.py``)."""
+    from ..parallel.device import comm_device
+
+    return comm_device(group)
 
 
 def _gather_union(items: Iterable[str]) -> list[str]:
@@ -675,12 +771,18 @@ def _rank_state(ckpt: Path, meta: dict, weights_only: bool, seed: Optional[int])
         return info
     layout = _layout()
     rank = layout["rank"]
-    own = ckpt / RANK_DIR / f"rank_{rank:05d}.pt"
-    if _shape(layout) == meta.get("layout") and own.is_file():
-        st = torch.load(own, map_location="cpu", weights_only=False)
+    same_layout = _shape(layout) == meta.get("layout")
+    st = read_rank_file(ckpt / RANK_DIR, rank) if same_layout else None
+    if st is not None:
         restore_rng_state(st["rng"])
         info.update(rng_restored=True, rank_local_source="exact", **{RANK_LOCAL: st[RANK_LOCAL]})
         return info
+    if same_layout:
+        log.warning("%s has no state file for rank %d (%s): its RNG streams are re-seeded and "
+                    "its rank-local state (data position) is taken from a rank of the same "
+                    "data-parallel rank if there is one", ckpt, rank,
+                    ckpt / RANK_DIR / rank_file_name(rank))
+        info["rank_state_missing"] = True
     reseed_rng(_seed_from(meta, seed), meta.get("step", 0))
     index_file = ckpt / RANK_DIR / "index.json"
     if meta.get("layout", {}).get("dp") == layout["dp"] and index_file.is_file():
@@ -689,10 +791,12 @@ def _rank_state(ckpt: Path, meta: dict, weights_only: bool, seed: Optional[int])
         # Prefer the same pipeline stage, then the lowest TP/CP rank.
         same_dp.sort(key=lambda s: (s["pp_rank"] != layout["pp_rank"], s["pp_rank"],
                                     s["tp_rank"], s["cp_rank"]))
-        if same_dp:
-            st = torch.load(ckpt / RANK_DIR / f"rank_{same_dp[0]['rank']:05d}.pt",
-                            map_location="cpu", weights_only=False)
-            info.update(rank_local_source="data_parallel_rank", **{RANK_LOCAL: st[RANK_LOCAL]})
+        for cand in same_dp:
+            st = read_rank_file(ckpt / RANK_DIR, cand["rank"])
+            if st is not None:
+                info.update(rank_local_source="data_parallel_rank",
+                            **{RANK_LOCAL: st[RANK_LOCAL]})
+                break
     return info
 
 

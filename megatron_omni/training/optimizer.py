@@ -6,7 +6,7 @@
   with overlapped reduction, ``no_sync_func``).
 * :func:`build_optimizer` returns ``get_megatron_optimizer(OptimizerConfig(...))``: Adam or AdamW
   with weight decay skipped for biases and 1-D parameters (megatron-core's default param groups),
-  gradient clipping, bf16 main-parameter handling on GPU, and the distributed optimizer
+  gradient clipping, bf16 main-parameter handling (GPU and CPU), and the distributed optimizer
   (``DistributedOptimizer``, states sharded over data parallel) when
   ``training.use_distributed_optimizer`` is set. Only parameters with ``requires_grad`` are
   handed to the optimizer (megatron-core skips frozen ones when it builds the param groups, and
@@ -27,13 +27,10 @@ import torch
 
 from ..config.schema import ConfigError, OmniConfig
 
-def _on_gpu() -> bool:
-    return torch.cuda.is_available()
-
 
 def _bf16(cfg: OmniConfig) -> bool:
-    """bf16 only with CUDA; CPU runs stay fp32 (``training.bf16`` is documented that way)."""
-    return bool(cfg.training.bf16 and _on_gpu())
+    """``training.bf16``: bf16 parameters with fp32 main parameters, on the GPU and the CPU."""
+    return bool(cfg.training.bf16)
 
 
 def ddp_config(cfg: OmniConfig):
@@ -41,7 +38,8 @@ def ddp_config(cfg: OmniConfig):
     from megatron.core.distributed import DistributedDataParallelConfig
 
     tr = cfg.training
-    overlap = bool(tr.overlap_grad_reduce and _on_gpu())
+    # Honoured on the CPU too (gloo's async all-reduce), so the overlap path is tested there.
+    overlap = bool(tr.overlap_grad_reduce)
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=tr.grad_reduce_in_fp32,
         overlap_grad_reduce=overlap,
@@ -119,7 +117,30 @@ def build_optimizer(cfg: OmniConfig, model_chunks: Sequence[torch.nn.Module]):
                 "the DDP wrappers were built with use_distributed_optimizer="
                 f"{m.ddp_config.use_distributed_optimizer} but training.use_distributed_optimizer="
                 f"{cfg.training.use_distributed_optimizer}; wrap with the same config")
-    return get_megatron_optimizer(optimizer_config(cfg), list(model_chunks))
+    oc = optimizer_config(cfg)
+    return get_megatron_optimizer(oc, list(model_chunks), config_overrides=_config_overrides(oc))
+
+
+def _config_overrides(oc):
+    """megatron-core's standard param groups (no weight decay on biases and 1-D params), plus,
+    under bf16, the fp32 parameters (the SAN-M encoder) in groups of their own.
+
+    megatron-core 0.16.1 assumes a param group holds one dtype when it checkpoints: the
+    distributed optimizer indexes main params by their order in the gradient buffers while the
+    group lists fp32 params first, and the bf16 optimizer numbers states over bf16 params only,
+    so saving a group that mixes fp32 and bf16 parameters fails (shape mismatch). A key that
+    only marks the dtype (no optimizer setting) splits the groups without changing the update.
+    Its name sorts after every megatron-core override key, so the fp32 groups come last (the bf16
+    optimizer's checkpoint also numbers the bf16 parameters as if they came first).
+    """
+    from megatron.core.optimizer import get_standard_config_overrides
+    from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
+
+    overrides = dict(get_standard_config_overrides(config=oc))
+    if oc.bf16:
+        fp32 = ParamPredicate(name="omni_fp32_param", fn=lambda p: p.dtype == torch.float32)
+        overrides[ParamKey(predicate=fp32)] = {"zz_omni_param_dtype": "float32"}
+    return overrides
 
 
 def build_scheduler(cfg: OmniConfig, optimizer):

@@ -28,6 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from ..data.special_tokens import SpecialTokenIds
 from ..models.attention import packed_seq_params
 from ..models.omni import token_kinds
+from ..parallel.device import comm_device
 
 GEN_AUDIO = "gen_audio"
 
@@ -60,17 +61,19 @@ def global_token_counts(groups: dict[str, Sequence[dict]], special: SpecialToken
     for name in names:
         local.append(sum(float(_masks(b, special)[0].sum()) for b in groups[name]))
     local.append(sum(float(_masks(b, special)[1].sum()) for bs in groups.values() for b in bs))
-    t = torch.tensor(local, dtype=torch.float64)
+    t = torch.tensor(local, dtype=torch.float64, device=comm_device())
     if ps.get_data_parallel_world_size() > 1:
         torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
-    out = dict(zip(names, t[:-1].tolist()))
-    out[GEN_AUDIO] = t[-1].item()
+    vals = t.tolist()
+    out = dict(zip(names, vals[:-1]))
+    out[GEN_AUDIO] = vals[-1]
     return out
 
 
 def model_inputs(b: dict) -> tuple[tuple, dict]:
     """Positional and keyword arguments of ``OmniModel.forward`` for a batch dict."""
-    kwargs = dict(labels=b["labels"], packed_seq_params=packed_seq_params(b["cu_seqlens"]),
+    kwargs = dict(labels=b["labels"], packed_seq_params=packed_seq_params(b["cu_seqlens"],
+                                                                          b.get("max_seqlen")),
                   vision_patches=b.get("vision_patches"),
                   vision_grid_thw=b.get("vision_grid_thw"),
                   audio_waveforms=b.get("audio_waveforms"),
@@ -128,28 +131,31 @@ def run_group_step(model, groups: dict[str, Sequence[dict]], weights: dict[str, 
 def _reduce_report(store, groups, counts, weights, gen_audio_weight) -> StepResult:
     """Sum the last stage's per-micro-batch sums, average over DP, share with every rank."""
     names = sorted(groups)
-    sums = torch.zeros(len(names) + 1, dtype=torch.float64)
+    local = [0.0] * (len(names) + 1)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         for d in store:
-            sums[names.index(d["name"])] += float(d["sum_text"])
-            sums[-1] += float(d["sum_ga"])
+            local[names.index(d["name"])] += float(d["sum_text"])
+            local[-1] += float(d["sum_ga"])
+    # Collectives need their tensors on the communication device (the GPU under NCCL).
+    sums = torch.tensor(local, dtype=torch.float64, device=comm_device())
     if ps.get_data_parallel_world_size() > 1:
         torch.distributed.all_reduce(sums, group=ps.get_data_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1:
         # Only the last stage computed losses; the others contribute zeros.
         torch.distributed.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
+    sums = sums.tolist()
     losses, tokens = {}, {}
     for i, name in enumerate(names):
         tokens[name] = int(counts[name])
-        losses[name] = sums[i].item() / counts[name] if counts[name] > 0 else float("nan")
+        losses[name] = sums[i] / counts[name] if counts[name] > 0 else float("nan")
     if counts[GEN_AUDIO] > 0:
         tokens[GEN_AUDIO] = int(counts[GEN_AUDIO])
-        losses[GEN_AUDIO] = sums[-1].item() / counts[GEN_AUDIO]
+        losses[GEN_AUDIO] = sums[-1] / counts[GEN_AUDIO]
     weighted = sum(weights.get(n, 1.0) * losses[n] for n in names if counts[n] > 0)
     if GEN_AUDIO in losses:
         weighted += gen_audio_weight * losses[GEN_AUDIO]
     finite = all(math.isfinite(v) for n, v in losses.items() if tokens.get(n, 0) > 0)
-    flag = torch.tensor([0.0 if finite else 1.0])
+    flag = torch.tensor([0.0 if finite else 1.0], device=comm_device())
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return StepResult(losses=losses, weighted_loss=weighted, tokens=tokens,

@@ -23,6 +23,7 @@ import torch
 from ..config.schema import ConfigError, OmniConfig
 from ..config.validate import validate
 from . import checkpoint as ckpt
+from . import resume
 from .balance import DynamicBalancer, PlateauDetector, read_step_balance_file
 from .logging import StepStats, TrainLogger
 from .step import StepResult, run_group_step
@@ -60,23 +61,41 @@ def to_model_batch(b: dict) -> dict:
         out["vision_patches"] = None
     if out.get("audio_waveforms") is not None and len(out["audio_waveforms"]) == 0:
         out["audio_waveforms"] = None
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    from ..parallel.device import compute_device
+
+    device = compute_device()
     for k in ("tokens", "labels", "loss_mask", "position_ids", "vision_patches"):
         if isinstance(out.get(k), torch.Tensor):
             out[k] = out[k].to(device, non_blocking=True)
+    # THD attention (TE/cuDNN) reads the segment boundaries on the device, as int32; the longest
+    # segment is taken from the host copy (no device synchronisation per micro-batch).
+    cu = out["cu_seqlens"]
+    out["max_seqlen"] = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    out["cu_seqlens"] = cu.to(device=device, dtype=torch.int32)
     if out.get("audio_waveforms") is not None:
         out["audio_waveforms"] = [w.to(device) for w in out["audio_waveforms"]]
     return out
+
+
+HOST_SIDE_INPUTS = ("vision_grid_thw",)
+"""Batch tensors that stay on the host on purpose: the grid is read with ``.tolist()`` to size
+the ViT's segments (a device copy would only add a synchronisation)."""
 
 
 class EnergonData:
     """Adapter: ``OmniLoaders`` -> the trainer's DataSource."""
 
     def __init__(self, cfg: OmniConfig, tokenizer):
+        from megatron.core import parallel_state as ps
+
         from ..data.loaders import OmniLoaders
 
+        # The DP rank is passed explicitly: every data-parallel rank must read its own slice.
         pref = cfg.alignment.preference_dataset if cfg.stage.name == "at" else None
-        self.loaders = OmniLoaders(cfg.data, tokenizer, preference_modality=pref)
+        self.loaders = OmniLoaders(cfg.data, tokenizer, dp_rank=ps.get_data_parallel_rank(),
+                                   dp_size=ps.get_data_parallel_world_size(),
+                                   dp_group=ps.get_data_parallel_group(),
+                                   preference_modality=pref)
         self.skipped_total = 0
 
     def next(self, modality: str) -> dict:
@@ -132,28 +151,30 @@ class Trainer:
     def setup(self) -> None:
         from megatron.core import parallel_state as ps
 
-        from ..models.omni import build_omni_chunks, set_trainable, special_token_ids
+        from ..config.validate_data import validate_data
         from ..parallel import runtime
-        from .optimizer import build_optimizer, build_scheduler, wrap_ddp
 
         cfg = self.cfg
         env = runtime.dist_env_from_environ()
         validate(cfg, world_size=env.world_size)
+        # Data path, splits, tokenizer vs vocabulary, seq_length vs stored token counts: all
+        # checked before any process group starts (a few file reads).
+        self.tokenizer = validate_data(cfg, need_data=self._data is None)
         if not torch.distributed.is_initialized() or not ps.model_parallel_is_initialized():
             runtime.initialize(cfg.parallel, seed=cfg.training.seed, env=env)
-        self.special = special_token_ids(cfg)
-        self.tokenizer = None
-        if cfg.data.tokenizer:
-            from ..data.tokenizer import load_tokenizer
+        self._run_lock = resume.lock_save_dir(cfg)  # one run per training.save
+        try:
+            self._build()
+        except BaseException:
+            self.close()  # a run that failed to start must not keep the directory locked
+            raise
 
-            self.tokenizer = load_tokenizer(cfg.data.tokenizer,
-                                            speech_codebook_size=cfg.model.speech_codebook_size)
-            if self.tokenizer.vocab_size != cfg.model.llm.vocab_size:
-                raise ConfigError(
-                    f"model.llm.vocab_size ({cfg.model.llm.vocab_size}) != the tokenizer's "
-                    f"vocabulary with special tokens and speech codes "
-                    f"({self.tokenizer.vocab_size}); set model.llm.vocab_size="
-                    f"{self.tokenizer.vocab_size}")
+    def _build(self) -> None:
+        from ..models.omni import build_omni_chunks, set_trainable, special_token_ids
+        from .optimizer import build_optimizer, build_scheduler, wrap_ddp
+
+        cfg = self.cfg
+        self.special = special_token_ids(cfg)
         chunks = build_omni_chunks(cfg)
         st = cfg.stage
         counts = [set_trainable(c, vision=st.train_vision, audio=st.train_audio,
@@ -196,11 +217,9 @@ class Trainer:
 
     def _resume_or_init(self) -> None:
         cfg = self.cfg
-        source = cfg.training.load
-        if source is None and cfg.training.save:
-            found = ckpt.find_latest(cfg.training.save)
-            source = str(found) if found is not None else None
+        source = resume.choose_checkpoint(cfg, self.printer)
         if source is not None:
+            data_ok = resume.check_data_parallel_size(cfg, source, _dp_size())
             extra = ckpt.load_checkpoint(source, self.model, self.optimizer, self.scheduler)
             self.step = int(extra["step"])
             self.nan_steps = int(extra.get("nan_steps", 0))
@@ -209,8 +228,12 @@ class Trainer:
             if extra.get("weights") is not None and self.balancer is None:
                 self.weights = dict(extra["weights"])
             local = extra.get(ckpt.RANK_LOCAL)
-            if local is not None and local.get("data") is not None:
+            if local is not None and local.get("data") is not None and data_ok:
                 self.data.restore_state(local["data"])
+            elif data_ok and self.step > 0:
+                log.warning("rank %d: %s holds no data-loader state for this rank; its data "
+                            "stream starts from the beginning", _rank(), source)
+            self._mark_resume(source)
             if _is_logging_rank():
                 self.printer(f" resumed from {extra[ckpt.META_KEY]['path']} at step {self.step}")
         elif cfg.stage.init_from:
@@ -430,7 +453,37 @@ class Trainer:
         self.logger.close()
         if tr.save and _is_logging_rank():
             self._write_summary(summary, started)
+        self.close()
         return summary
+
+    def close(self) -> None:
+        """Release the save directory's run lock (it is also released when the process ends)."""
+        lock = getattr(self, "_run_lock", None)
+        if lock is not None:
+            lock.release()
+            self._run_lock = None
+
+    def _mark_resume(self, source) -> None:
+        """A resume from an older checkpoint repeats steps already in ``losses.jsonl``: append
+        ``{"resume": {"step": S, ...}}`` so readers keep, for each step, the LAST line (the
+        lines after the marker replace those of steps > S)."""
+        if not (self.cfg.training.save and _is_logging_rank()):
+            return
+        import json
+
+        path = Path(self.cfg.training.save) / "losses.jsonl"
+        if not path.is_file():
+            return
+        last = 0
+        for line in path.read_text().splitlines():
+            try:
+                last = max(last, int(json.loads(line).get("step", 0)))
+            except (ValueError, TypeError, AttributeError):
+                continue
+        if last > self.step:
+            with open(path, "a") as f:
+                f.write(json.dumps({"resume": {"step": self.step, "checkpoint": str(source),
+                                               "repeats_steps": [self.step + 1, last]}}) + "\n")
 
     def _append_history(self, losses, weights, grad_norm) -> None:
         """One JSON line per step in ``<save>/losses.jsonl`` (logging rank): the exact floats,

@@ -311,6 +311,31 @@ def test_import_refuses_truncated_safetensors(tmp_path, capsys):
     assert _no_output(out)
 
 
+def test_import_refuses_overlapping_safetensors_offsets(tmp_path, capsys):
+    import struct
+
+    src = tmp_path / "llama"
+    fake_llama_dir(src)
+    f = src / "model.safetensors"
+    data = f.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    keys = [k for k, v in header.items() if k != "__metadata__" and v["data_offsets"][1] >
+            v["data_offsets"][0]]
+    a, b = sorted(keys, key=lambda k: header[k]["data_offsets"][0])[:2]
+    ea, eb = header[a]["data_offsets"], header[b]["data_offsets"]
+    header[b]["data_offsets"] = [ea[0], ea[0] + (eb[1] - eb[0])]  # b now shares a's bytes
+    new = json.dumps(header, separators=(",", ":")).encode()
+    new += b" " * (n - len(new)) if len(new) <= n else b""
+    assert len(new) == n
+    f.write_bytes(data[:8] + new + data[8 + n:])
+    out = tmp_path / "out"
+    assert tool_main("import", "--llama", src, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "overlap" in err and "model.safetensors" in err and "Traceback" not in err
+    assert _no_output(out)
+
+
 def test_import_refuses_pickle_needing_code(tmp_path, capsys):
     src = tmp_path / "llama"
     sd = fake_llama_dir(src)

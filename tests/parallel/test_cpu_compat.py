@@ -159,3 +159,37 @@ def test_distributed_optimizer_builds_and_steps_like_adam(single_rank):
         ref(x).pow(2).sum().backward()
         ref_opt.step()
     assert torch.allclose(module.lin.weight, ref.weight, atol=1e-6)
+
+
+def test_bf16_optimizer_wraps_cpu_bf16_params(single_rank):
+    """Float16OptimizerWithFloat16Params (bf16 without the distributed optimizer) accepts CPU bf16
+    parameters, keeps fp32 main copies and writes the update back in bf16."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.module import MegatronModule
+
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, bf16=True,
+                               params_dtype=torch.bfloat16, use_cpu_initialization=True)
+
+    class Tiny(MegatronModule):
+        def __init__(self):
+            super().__init__(config)
+            self.lin = torch.nn.Linear(8, 8, dtype=torch.bfloat16)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    module = Tiny()
+    before = module.lin.weight.detach().clone()
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True), module)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=0.1, bf16=True,
+                                                 params_dtype=torch.bfloat16), [ddp])
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    ddp(torch.randn(4, 8, dtype=torch.bfloat16)).float().pow(2).sum().backward()
+    ddp.finish_grad_sync()
+    ok, _, _ = opt.step()
+    assert ok and module.lin.weight.dtype == torch.bfloat16
+    assert not torch.equal(module.lin.weight, before)

@@ -527,15 +527,18 @@ def test_stage_recipes_validate_and_chain(size):
             assert c.stage.init_from == cfgs[prev].training.save, s
         prev = s
         t, p = c.training, c.parallel
-        assert t.bf16 and t.use_distributed_optimizer and t.recompute_granularity == "selective"
+        # recomputation is per stage, chosen with the planner (tests/tools/test_plan.py holds
+        # every recipe within 5% of the best layout); selective never pays with flash attention
+        assert t.bf16 and t.use_distributed_optimizer and t.recompute_granularity in (None, "full")
         assert t.fp8 == ("hybrid" if size == "72b" else None)
         assert c.model.transformer_impl == "transformer_engine"
         assert p.sequence_parallel
         if size == "72b":
-            assert p.tensor_model_parallel_size == 8 and 4 <= p.pipeline_model_parallel_size <= 8
+            assert p.tensor_model_parallel_size == 8 and p.pipeline_model_parallel_size <= 8
             assert c.data.seq_length == 8192
-            per_stage = (80 - p.first_stage_num_layers) // (p.pipeline_model_parallel_size - 1)
-            assert p.first_stage_num_layers < per_stage
+            if p.first_stage_num_layers is not None:
+                per_stage = (80 - p.first_stage_num_layers) // (p.pipeline_model_parallel_size - 1)
+                assert p.first_stage_num_layers < per_stage
         else:
             assert p.tensor_model_parallel_size in (4, 8)
             assert p.pipeline_model_parallel_size in (1, 2)
@@ -594,7 +597,7 @@ def test_stage_layouts_fit_on_h100(size):
         p, t, d, v = cfg.parallel, cfg.training, cfg.data, cfg.model.vision
         dp = GPUS[size] // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
         layout = Layout(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
-                        dp=dp, global_batch=dp * t.num_micro_batches * len(d.modalities),
+                        vpp=p.virtual_pipeline_model_parallel_size, dp=dp, global_batch=dp * t.num_micro_batches * len(d.modalities),
                         first_stage_num_layers=p.first_stage_num_layers,
                         recompute=t.recompute_granularity, distributed_optimizer=True)
         for name, w in _workloads(d.seq_length).items():

@@ -7,6 +7,8 @@
   ~56M-parameter LLM built with ``build_llm``, forward + backward + torch Adam, in a fresh
   process), and the effect of each layout knob.
 * The 70B anchor (TP4 PP8 VP5, 64 H100, FP8, seq 8192), a layout that cannot fit, --suggest, CLI.
+* Step-time terms (TP / CP / pipeline / DP communication, cross entropy, optimizer) against hand
+  computations, and the calibration table against every published Megatron-Core H100 row.
 """
 
 from __future__ import annotations
@@ -21,9 +23,14 @@ from pathlib import Path
 import pytest
 
 from megatron_omni.config import AudioConfig, LLMConfig, VisionConfig, load_config
-from megatron_omni.plan import (GiB, Layout, Workload, image_grid, inflight_counts,
-                                llm_num_params, load_model_config, plan, sanm_params, suggest,
-                                vit_params)
+from megatron_omni.config.schema import ConfigError
+from megatron_omni.plan import (CALIBRATION, CALIBRATION_TOLERANCE, GiB, Layout, Workload,
+                                balanced_first_stage_layers, calibration_table, check_recipe,
+                                cp_comm_seconds, plan_mix, recipe_workloads,
+                                cross_entropy_seconds, dp_comm_seconds, dp_exposed_seconds,
+                                format_plan, image_grid, inflight_counts, llm_num_params,
+                                load_model_config, optimizer_seconds, p2p_seconds, plan,
+                                sanm_params, suggest, tp_comm_seconds, vit_params)
 from megatron_omni.training.flops import (PEAK_FLOPS, audio_encoder_frames,
                                           lengths_from_cu_seqlens, llm_flops, llm_forward_flops,
                                           mfu, omni_row_flops, peak_flops, sanm_flops,
@@ -519,3 +526,235 @@ def test_cli_table_warns_when_it_does_not_fit():
     assert "DOES NOT FIT" in r.stdout and "does not fit" in r.stderr
     bad = run_cli("--model", "72b", "--tp", "3")
     assert bad.returncode == 2 and "tensor_model_parallel_size" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Step-time terms by hand, calibration, display
+# ------------------------------------------------------------------------------------------------
+
+def test_tp_comm_by_hand():
+    # TP4 + SP, 8192 tokens x 8192 hidden bf16: each collective moves 3/4 x 128 MiB per GPU.
+    unit = 0.75 * 8192 * 8192 * 2
+    assert tp_comm_seconds(8192, 8192, 4, True, 2, 0, 1e11) == pytest.approx(20 * unit / 1e11)
+    # one of the two layers fully recomputed: its 4 forward collectives again
+    assert tp_comm_seconds(8192, 8192, 4, True, 2, 1, 1e11) == pytest.approx(24 * unit / 1e11)
+    # no SP: 4 all-reduces of 2 units each per layer
+    assert tp_comm_seconds(8192, 8192, 4, False, 1, 0, 1e11) == pytest.approx(8 * unit / 1e11)
+    assert tp_comm_seconds(8192, 8192, 1, True, 80, 0, 1e11) == 0.0
+
+
+def test_cp_and_p2p_by_hand():
+    # CP2, 4096 local tokens, K+V width 2 x 1024: 3 steps per layer of 16 MiB.
+    step = 2 * 1024 * 4096 * 2
+    assert cp_comm_seconds(4096, 1024, 2, 1, 1e11) == pytest.approx(3 * step / 1e11)
+    assert cp_comm_seconds(4096, 1024, 2, 10, 1e11, overhead_s=1e-4, exposed=0.0) \
+        == pytest.approx(30 * 1e-4)
+    act = 8192 * 8192 * 2 / 4
+    # 1F1B: 2 blocking transfers of the SP-sharded activation + the fixed overhead each.
+    assert p2p_seconds(8192, 8192, 4, True, None, 5e10, 1e-4) == pytest.approx(
+        2 * (1e-4 + act / 5e10))
+    # Interleaved (v=5): the bytes are overlapped, the 10 fixed overheads are not.
+    assert p2p_seconds(8192, 8192, 4, True, 5, 5e10, 1e-4) == pytest.approx(10 * 1e-4)
+    # ... so deeper interleaving costs more per micro-batch.
+    assert p2p_seconds(8192, 8192, 8, True, 40, 5e10, 1e-4) > \
+        p2p_seconds(8192, 8192, 8, True, 5, 5e10, 1e-4)
+
+
+def test_dp_comm_and_overlap_by_hand():
+    rs, ag = dp_comm_seconds(1e9, 4, 4, 2, True, 1e10)
+    assert rs == pytest.approx(1e9 * 4 * 0.75 / 1e10) and ag == pytest.approx(1e9 * 2 * 0.75 / 1e10)
+    ar, none = dp_comm_seconds(1e9, 4, 4, 2, False, 1e10)
+    assert ar == pytest.approx(2 * rs) and none == 0.0
+    assert dp_comm_seconds(1e9, 1, 4, 2, True, 1e10) == (0.0, 0.0)
+    # 5 buckets and a long window: only the last bucket of each is exposed.
+    assert dp_exposed_seconds(1.0, 0.5, 5, 10.0, 10.0) == pytest.approx(0.2 + 0.1)
+    # a short window exposes what does not fit in it
+    assert dp_exposed_seconds(1.0, 0.5, 5, 0.5, 0.1) == pytest.approx(0.5 + 0.4)
+    # one bucket (PP without interleaving): all of it
+    assert dp_exposed_seconds(1.0, 0.5, 1, 10.0, 10.0) == pytest.approx(1.5)
+
+
+def test_memory_bound_terms_by_hand():
+    assert cross_entropy_seconds(8192, 32064, 2e12) == pytest.approx(8192 * 32064 * 4 * 3 / 2e12)
+    assert optimizer_seconds(1e9, 3e12) == pytest.approx(30e9 / 3e12)
+
+
+def test_step_time_adds_up_and_terms_move_the_right_way():
+    cfg = load_model_config("llama3-70b")
+    lay = Layout(tp=4, pp=8, vpp=5, dp=2, global_batch=128)
+    p = plan(cfg, lay, Workload(8192), precision="fp8")
+    slow = max(p.stages, key=lambda s: s.micro_batch_time)
+    m, v = lay.num_micro_batches, 5
+    extra = max(s.times["dp"] + s.times["optimizer"] for s in p.stages)
+    assert p.step_time == pytest.approx((m + 7 / v) * slow.micro_batch_time + extra)
+    assert slow.times["tp"] > 0 and slow.times["p2p"] > 0
+    # more exposed TP communication is slower; none at all is faster
+    assert plan(cfg, lay, Workload(8192), precision="fp8", tp_exposed=1.0).step_time \
+        > p.step_time > plan(cfg, lay, Workload(8192), precision="fp8", tp_exposed=0.0).step_time
+    # PP without interleaving exposes the whole DP reduction; VPP hides all but a bucket
+    plain = plan(cfg, Layout(tp=4, pp=8, dp=2, global_batch=128), Workload(8192),
+                 precision="fp8")
+    assert max(s.times["dp"] for s in plain.stages) > 3 * max(s.times["dp"] for s in p.stages)
+    # one layer per virtual stage pays more pipeline overhead than 5 chunks of 2
+    deep = plan(cfg, Layout(tp=4, pp=8, vpp=10, dp=2, global_batch=128), Workload(8192),
+                precision="fp8")
+    assert deep.stages[1].times["p2p"] == pytest.approx(2 * p.stages[1].times["p2p"])
+
+
+def test_block_recompute_costs_flops_for_the_recomputed_layers_only():
+    cfg = load_model_config("llama3-8b")
+    base = plan(cfg, Layout(dp=8, global_batch=128), Workload(8192), precision="fp8",
+                check=False)
+    part = plan(cfg, Layout(dp=8, global_batch=128, recompute="full", recompute_num_layers=5),
+                Workload(8192), precision="fp8", check=False)
+    full = plan(cfg, Layout(dp=8, global_batch=128, recompute="full"), Workload(8192),
+                precision="fp8", check=False)
+    f0, f5, f32 = (x.stages[0].flops_per_micro_batch for x in (base, part, full))
+    assert f5 - f0 == pytest.approx((f32 - f0) * 5 / 32, rel=1e-6)
+    assert full.stages[0].activations < part.stages[0].activations < base.stages[0].activations
+
+
+def test_calibration_against_published_megatron_core_rows():
+    rows = calibration_table()
+    assert len(rows) == len(CALIBRATION) >= 6
+    print()
+    held = [r for r in rows if r["row"].in_tolerance]
+    for r in rows:
+        print(f"{r['row'].model} {r['layout']} GBS {r['row'].global_batch}: planned "
+              f"{r['planned']:.0f}, published {r['published']:.0f} ({r['error']:+.1%})")
+    assert all(abs(r["error"]) <= CALIBRATION_TOLERANCE for r in held)
+    # most within 5%
+    assert sum(abs(r["error"]) <= 0.05 for r in held) > len(held) / 2
+    # both models and several layouts are held to the tolerance
+    assert {r["row"].model for r in held} == {"llama3-8b", "llama3-70b"}
+    assert len({r["layout"] for r in held}) >= 3
+    # every row the planner is not held to says why
+    assert all(r["row"].note for r in rows if not r["row"].in_tolerance)
+
+
+@pytest.mark.xfail(strict=True, reason="known disagreement (BENCHMARKS.md, Planner calibration): "
+                   "the planner puts TP4 PP4 VP5 CP2 ~2% ahead of TP4 PP8 VP5; the two rows come "
+                   "from different containers (24.07 vs 25.09+), and no CP cost term that would "
+                   "reorder them is backed by a published figure")
+def test_published_layout_ranking_agrees_for_the_70b():
+    """Published: TP4 PP8 VP5 (1,602-1,621 tokens/s/GPU) beats TP4 PP4 VP5 CP2 (1,533)."""
+    rows = {(r["row"].pp, r["row"].cp, r["row"].global_batch): r for r in calibration_table()
+            if r["row"].model == "llama3-70b"}
+    pp8, cp2 = rows[(8, 1, 128)], rows[(4, 2, 128)]
+    assert pp8["published"] > cp2["published"]
+    assert pp8["planned"] > cp2["planned"], (pp8["planned"], cp2["planned"])
+
+
+def test_inflight_columns_never_run_together():
+    cfg = load_model_config("72b")
+    p = plan(cfg, Layout(tp=8, pp=2, vpp=20, dp=16, global_batch=128), Workload(8192),
+             precision="fp8")
+    text = format_plan(p)
+    line = next(ln for ln in text.splitlines() if "in flight" in ln)
+    cells = line.split()[4:]
+    assert cells == ["/".join(str(c) for c in s.inflight) for s in p.stages], line
+    assert len(cells) == 2 and all(len(c.split("/")) == 20 for c in cells)
+
+
+# ------------------------------------------------------------------------------------------------
+# A recipe's data mix and the shipped recipes' layouts
+# ------------------------------------------------------------------------------------------------
+
+def test_recipe_workloads_follow_the_groups_and_the_text_share():
+    cfg = load_model_config(config=str(REPO / "examples/stages/72b/it3.yaml"))
+    work = recipe_workloads(cfg, rows_per_modality=2)
+    assert sum(w for w, _, _ in work) == pytest.approx(1.0)
+    share = {}
+    for w, _, label in work:
+        share[label] = share.get(label, 0.0) + w
+    mods, r = cfg.data.modalities, cfg.data.pure_text_ratio
+    # text: its own group + pure_text_ratio of every other group
+    assert share["text"] == pytest.approx(1 / len(mods) + r * (len(mods) - 1) / len(mods))
+    for m in mods:
+        if m != "text":
+            assert share[m] == pytest.approx((1 - r) / len(mods))
+    by = {label: w for _, w, label in work}
+    assert by["video"].vision_grids and not by["text"].vision_grids
+    assert by["audio"].audio_frames and by["audio"].samples_per_row > 5
+    # deterministic
+    again = recipe_workloads(cfg, rows_per_modality=2)
+    assert [(w, x.vision_grids, x.audio_frames) for w, x, _ in again] == \
+        [(w, x.vision_grids, x.audio_frames) for w, x, _ in work]
+
+
+def test_dataset_counts_drive_the_mix(tmp_path):
+    import io
+    import tarfile
+    cfg = load_model_config(config=str(REPO / "examples/stages/9b/pt1.yaml"))
+    for mod, rec in (("image", {"num_tokens": 1100, "image_grid_thw": [[1, 56, 64]],
+                                "video_grid_thw": [], "audio_num_samples": []}),
+                     ("audio", {"num_tokens": 300, "image_grid_thw": [], "video_grid_thw": [],
+                                "audio_num_samples": [16000 * 12]})):
+        (tmp_path / mod).mkdir()
+        with tarfile.open(tmp_path / mod / "train-000000.tar", "w") as tar:
+            for i in range(6):
+                data = json.dumps({"key": f"{mod}-{i}", **rec}).encode()
+                info = tarfile.TarInfo(f"{mod}-{i:09d}.json")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                extra = tarfile.TarInfo(f"{mod}-{i:09d}.img0.json")  # a media part, not a sample
+                extra.size = 2
+                tar.addfile(extra, io.BytesIO(b"{}"))
+    work = recipe_workloads(cfg, tmp_path, rows_per_modality=1)
+    by = {label: w for _, w, label in work}
+    # 6 images of 1100 tokens: 3 per 4096-token row; 6 clips of 300 tokens in one row
+    assert by["image"].vision_grids == ((1, 56, 64),) * 3
+    assert by["audio"].audio_frames == (audio_encoder_frames(12.0),) * 6
+    with pytest.raises(ConfigError, match="no training shards"):
+        recipe_workloads(load_model_config(config=str(REPO / "examples/stages/9b/it3.yaml")),
+                         tmp_path)
+
+
+def test_plan_mix_averages_time_and_keeps_the_worst_memory():
+    cfg = load_model_config(config=str(REPO / "examples/stages/72b/it3.yaml"))
+    lay = Layout(tp=8, pp=4, dp=8, global_batch=160)  # even split: video rows slow stage 0
+    text, video = Workload(8192), Workload(8192, 1, (image_grid(532, 532, 32),))
+    pt, pv = (plan(cfg, lay, w, precision="fp8") for w in (text, video))
+    mix = plan_mix(cfg, lay, [(3.0, text, "text"), (1.0, video, "video")], precision="fp8")
+    assert mix.peak_bytes == pytest.approx(max(pt.peak_bytes, pv.peak_bytes))
+    s0 = mix.stages[0].micro_batch_time
+    assert s0 == pytest.approx(0.75 * pt.stages[0].micro_batch_time
+                               + 0.25 * pv.stages[0].micro_batch_time)
+    assert pt.step_time <= mix.step_time < pv.step_time
+    m = lay.num_micro_batches
+    assert mix.step_time == pytest.approx(
+        (m + 3) * max(s.micro_batch_time for s in mix.stages)
+        + max(s.times["dp"] + s.times["optimizer"] for s in mix.stages))
+
+
+def test_balanced_first_stage_by_hand():
+    cfg = load_model_config(config=str(REPO / "examples/stages/72b/it3.yaml"))
+    work = recipe_workloads(cfg, rows_per_modality=1)
+    lay = Layout(tp=8, pp=4, dp=8, global_batch=160)
+    p = plan_mix(cfg, lay, work, precision="fp8")
+    per_layer = p.stages[1].micro_batch_time / 20
+    enc = p.stages[0].micro_batch_time - 20 * per_layer
+    ideal = (80 - 3 * enc / per_layer) / 4
+    f = balanced_first_stage_layers(cfg, lay, work, precision="fp8")
+    assert (80 - f) % 3 == 0 and abs(f - ideal) <= 1.5 and f < 20
+    assert balanced_first_stage_layers(cfg, Layout(tp=8, pp=4, vpp=5, dp=8, global_batch=160),
+                                       work, precision="fp8") is None
+
+
+RECIPE_GPUS = {"9b": 64, "72b": 256}
+
+
+@pytest.mark.parametrize("size", sorted(RECIPE_GPUS))
+def test_every_shipped_recipe_is_within_5_percent_of_the_best_layout(size):
+    gpus = RECIPE_GPUS[size]
+    assert f"--gpus {gpus}" in (REPO / f"examples/stages/{size}/base.yaml").read_text()
+    print()
+    for stage in ("pt1", "pt2", "pt3", "it1", "it2", "it3"):
+        cfg = load_model_config(config=str(REPO / f"examples/stages/{size}/{stage}.yaml"))
+        own, best = check_recipe(cfg, gpus, top=1)
+        assert own.fits, (size, stage, own.peak_bytes / GiB)
+        top = max([own] + best, key=lambda p: p.tokens_per_s_per_gpu)
+        ratio = own.tokens_per_s_per_gpu / top.tokens_per_s_per_gpu
+        print(f"{size} {stage}: {own.layout.describe()} {own.tokens_per_s_per_gpu:.0f} tok/s/GPU, "
+              f"best {top.layout.describe()} {top.tokens_per_s_per_gpu:.0f} ({ratio:.1%})")
+        assert ratio >= 0.95, (size, stage, ratio, top.layout)

@@ -84,7 +84,7 @@ def test_calibration_then_step_balanced_stage_then_frozen_stage(data, tmp_path):
     weights_file = tmp_path / "balance.json"
     cal = run_workers("trainer_run.py", 2, overrides(
         data, tmp_path / "cal", "parallel.tensor_model_parallel_size=2",
-        "stage.calibration_max_steps=8", "stage.plateau_window=2", "stage.plateau_rel_tol=0.01",
+        "stage.calibration_max_steps=12", "stage.plateau_window=2", "stage.plateau_rel_tol=0.01",
         f"--calibrate={weights_file}"))
     saved = json.loads(weights_file.read_text())
     assert set(saved["weights"]) == {"text", "image", "audio"}

@@ -1,7 +1,8 @@
 """Worker: run one training stage in-process with the real Trainer (Energon data, checkpoints).
 
 argv: result.json then key=value overrides (passed to load_config) and optional flags
-``--calibrate=PATH``. Rank 0 writes {"summary": ..., "step": ...}.
+``--calibrate=PATH``, ``--keys=DIR`` (each rank writes ``DIR/rank<r>.json`` with its DP/TP rank
+and the sample keys of every batch it drew). Rank 0 writes {"summary": ..., "step": ...}.
 """
 
 import json
@@ -26,6 +27,19 @@ def main(out_path, args):
     cfg = load_config(None, overrides)
     trainer = Trainer(cfg, printer=lambda s: print(s, flush=True))
     trainer.setup()
+    keys_dir = next((f.split("=", 1)[1] for f in flags if f.startswith("--keys=")), None)
+    read = []
+    if keys_dir:  # record the sample keys every micro-batch of this rank held
+        from megatron.core import parallel_state as ps
+
+        orig = trainer.data.next
+
+        def next_recorded(modality):
+            b = orig(modality)
+            read.append([modality, list(b["sample_names"])])
+            return b
+
+        trainer.data.next = next_recorded
     result = {}
     for f in flags:
         if f.startswith("--calibrate="):
@@ -35,6 +49,10 @@ def main(out_path, args):
         result = {"first": s.first_losses, "last": s.last_losses, "weights": s.weights,
                   "last_step": s.last_step, "steps_done": s.steps_done,
                   "checkpoint": s.checkpoint, "history": s.loss_history}
+    if keys_dir:
+        with open(f"{keys_dir}/rank{torch.distributed.get_rank()}.json", "w") as f:
+            json.dump({"dp_rank": ps.get_data_parallel_rank(),
+                       "tp_rank": ps.get_tensor_model_parallel_rank(), "read": read}, f)
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
         with open(out_path, "w") as f:
             json.dump(result, f)

@@ -71,6 +71,8 @@ REASONS = (
     "bad_frame_index",
     "unreadable_audio",
     "bad_aspect_ratio",
+    "bad_audio",        # decoded, but NaN/Inf samples
+    "audio_too_short",  # decoded, but shorter than one analysis frame
 )
 
 _logged: set[str] = set()

@@ -196,7 +196,9 @@ class MediaProcessor:
                 out.append(item)
             else:
                 wav, sr = item
-                out.append(torch.from_numpy(prepare_audio(wav, sr, self.audio_sample_rate)))
+                out.append(_checked_waveform(
+                    torch.from_numpy(prepare_audio(wav, sr, self.audio_sample_rate)),
+                    self.audio_sample_rate))
         return out
 
     def audio(self, src: Source) -> torch.Tensor:
@@ -207,3 +209,19 @@ def _raise_or_return(x):
     if isinstance(x, MediaError):
         raise x
     return x
+
+
+MIN_AUDIO_SECONDS = 0.025
+"""One 25 ms analysis frame: the audio front end (fbank) produces nothing from less."""
+
+
+def _checked_waveform(wav: torch.Tensor, sample_rate: int):
+    """The decoded clip, or a MediaError when the audio front end could not use it: NaN/Inf
+    samples (a float WAV can hold them) or shorter than one analysis frame."""
+    if wav.numel() < int(MIN_AUDIO_SECONDS * sample_rate):
+        return MediaError("audio_too_short", f"{wav.numel()} samples at {sample_rate} Hz, fewer "
+                          f"than one {MIN_AUDIO_SECONDS * 1000:.0f} ms analysis frame")
+    if not bool(torch.isfinite(wav).all()):
+        bad = int((~torch.isfinite(wav)).sum())
+        return MediaError("bad_audio", f"{bad} NaN/Inf samples of {wav.numel()}")
+    return wav
