@@ -54,6 +54,17 @@ def validate(cfg: OmniConfig, world_size: Optional[int] = None, training: bool =
             f"model.vision.num_heads ({cfg.model.vision.num_heads}) is not divisible by "
             f"parallel.tensor_model_parallel_size ({tp})")
 
+    # Alignment stage (AT): the DPO reference is the network with its adapters switched off.
+    al = cfg.alignment
+    if cfg.stage.name == "at":
+        if al.lora_rank < 1:
+            errors.append("stage.name=at trains LoRA adapters and uses the network with them "
+                          "switched off as the DPO reference: set alignment.lora_rank >= 1 "
+                          "(recipes pick it so the adapters are about 5% of the LLM)")
+        if al.preference_dataset in cfg.data.modalities:
+            errors.append(f"alignment.preference_dataset ({al.preference_dataset}) is also in "
+                          f"data.modalities; list only the instruction datasets there")
+
     # Pipeline split of the LLM layers.
     if pp > 1:
         first = p.first_stage_num_layers
