@@ -98,8 +98,7 @@ class EnergonData:
         from ..data.media.deferred import make_training_decoder
 
         # Images/videos decoded here, on this process's GPU, when the loaders defer them.
-        self.decoder = make_training_decoder(cfg.data.media_backend) \
-            if self.loaders.defer_decoding else None
+        self.decoder = make_training_decoder(cfg.data.media_backend)  # logs which path runs
 
     def _decoded(self, b: dict, modality: str | None = None) -> dict:
         if self.decoder is None or "deferred_media" not in b:

@@ -8,8 +8,8 @@ GPU pipeline (see ``loaders.loader_media_backend``). With deferred decoding the 
   pack. The row carries the *encoded bytes* plus that plan (:class:`DeferredVisual`), no pixels.
   Audio is still decoded in the workers (CPU operators either way; fbank runs in the model).
 * training process: :class:`TrainingDecoder` decodes the batch's images/videos with its backend
-  (DALI ``device='mixed'`` on this process's GPU when CUDA + DALI are there, else DALI CPU
-  operators or the CPU backend), patchifies on the compute device, checks every grid against
+  (DALI ``device='mixed'`` on this process's GPU when CUDA + DALI are there, else the CPU
+  backend), patchifies on the compute device, checks every grid against
   the plan and fills ``image_pixel_values`` / ``video_pixel_values`` / ``vision_patches``.
   ``submit(batch)`` / ``get()`` run this in a background thread, in order, so the next
   micro-batch can be decoded while the caller does something else.
@@ -159,9 +159,11 @@ def patchify_on(frames: torch.Tensor, s: ImageSettings) -> tuple[torch.Tensor, t
 
 def training_backend(name: str) -> MediaBackend:
     """The training process's decoder: DALI ``mixed`` on this process's GPU when CUDA + DALI are
-    there, else DALI CPU operators when DALI imports, else the CPU backend."""
-    key = "dali" if dali_available() else "cpu"
-    return select_backend(key, dali_device="auto")
+    there, else the CPU backend (the CPU fallback; DALI's CPU operators can be passed to
+    :class:`TrainingDecoder` explicitly)."""
+    if cuda_available() and dali_available():
+        return select_backend("dali", dali_device="gpu")
+    return select_backend("cpu")
 
 
 class TrainingDecoder:
