@@ -230,7 +230,7 @@ class TrainingDecoder:
                 for d, got in zip(todo, self._decode_kind(todo)):
                     err = got if isinstance(got, MediaError) else None
                     if err is None:
-                        x = torch.from_numpy(np.ascontiguousarray(got)).to(self.device, non_blocking=True)
+                        x = torch.from_numpy(np.require(got, requirements=["C", "W"])).to(self.device, non_blocking=True)
                         try:
                             patches, grid = patchify_on(x, d.settings)
                         except ValueError as e:
