@@ -46,6 +46,12 @@ def test_patchify_on_device_equals_numpy(t):
 
 
 def test_selection():
+    from megatron_omni.config.schema import ConfigError, DataConfig
+
+    for ok in ("auto", "cpu", "dali", "dali_gpu", "deferred"):
+        DataConfig(media_backend=ok)
+    with pytest.raises(ConfigError, match="data.media_backend must be"):
+        DataConfig(media_backend="gpu")
     assert defers_decoding("deferred") and not defers_decoding("cpu")
     assert not defers_decoding("dali")
     if not torch.cuda.is_available():
@@ -147,3 +153,22 @@ def test_prefetch_returns_batches_in_order(data):
         assert torch.equal(g["vision_patches"], w["vision_patches"])
     with pytest.raises(RuntimeError):
         dec.get()
+
+
+def test_trainer_adapter_adds_decode_skips_to_the_loader_counts(data):
+    """EnergonData (the trainer's data source) decodes deferred batches and reports the
+    training-process skips in the loader's per-reason counts and in skipped_total."""
+    from megatron_omni.training.trainer import EnergonData
+
+    src = object.__new__(EnergonData)  # its __init__ needs megatron's parallel state
+    src.loaders = _loaders(data, _cfg(data, modalities=["image"], media_backend="deferred",
+                                      packing_buffer_size=12))
+    src.decoder, src.skipped_total = TrainingDecoder(CPUBackend(), "cpu"), 0
+    hits = 0
+    for _ in range(8):
+        b = src.next("image")
+        assert "deferred_media" not in b and b["image_pixel_values"].shape[0] > 0
+        hits += sum(data["truncated_key"] in keys for keys in b["sample_keys"])
+    assert hits >= 1
+    assert src.loaders.skipped()["image"]["corrupt_image"] == hits
+    assert src.skipped_total == sum(src.loaders.skipped()["image"].values())
