@@ -830,12 +830,15 @@ def _stage_layers(cfg: OmniConfig, layout: Layout) -> list[list[int]]:
 def plan(cfg: OmniConfig, layout: Layout, workload: Optional[Workload] = None, gpu: str = "h100",
          precision: str = "bf16", impl: Optional[str] = None, assumed_mfu: Optional[float] = None,
          flash_attention: bool = True, model_name: str = "custom", check: bool = True,
-         memory_gib: Optional[float] = None, tp_exposed: Optional[float] = None) -> Plan:
+         memory_gib: Optional[float] = None, tp_exposed: Optional[float] = None,
+         trainable: bool = True) -> Plan:
     """Per-GPU memory of every pipeline stage and the estimated step time of ``layout``.
 
     ``gpu='cpu'`` with ``precision='fp32'`` is the CPU mode: fp32 weights/activations, plain
     ``torch.optim.Adam`` (no master copy, not distributed), the local layer profile and no CUDA
     overhead; it exists so the estimate can be checked against a real CPU step.
+    ``trainable=False`` plans a layout megatron-core runs but this project cannot train yet
+    (context parallelism; used for the published calibration rows).
     """
     if gpu not in GPUS:
         raise ConfigError(f"unknown GPU {gpu!r}; known: {sorted(GPUS)}")
@@ -851,7 +854,8 @@ def plan(cfg: OmniConfig, layout: Layout, workload: Optional[Workload] = None, g
         raise ConfigError(f"{spec.name} has no FP8 tensor cores; use bf16")
     workload = workload or Workload(cfg.data.seq_length)
     if check:
-        validate(_resolved_cfg(cfg, layout, workload, precision, impl), world_size=layout.num_gpus)
+        validate(_resolved_cfg(cfg, layout, workload, precision, impl), world_size=layout.num_gpus,
+                 training=trainable)
     if workload.seq_length % layout.cp:
         raise ConfigError(f"seq length {workload.seq_length} is not divisible by CP={layout.cp}")
 
@@ -1424,8 +1428,10 @@ def calibration_table(tp_exposed: Optional[float] = None) -> list[dict]:
         lay = Layout(row.tp, row.pp, row.vpp, row.cp, dp, 1, row.global_batch,
                      recompute="full" if row.recompute_num_layers else None,
                      recompute_num_layers=row.recompute_num_layers)
+        # Published rows of megatron-core's own trainer: CP rows are modelled although this
+        # project refuses to train CP > 1 until its packed rows are sliced per CP rank.
         p = plan(cfg, lay, Workload(8192), "h100", row.precision, model_name=row.model,
-                 tp_exposed=tp_exposed)
+                 tp_exposed=tp_exposed, trainable=False)
         est = p.tokens_per_s_per_gpu
         out.append({"row": row, "layout": lay.describe(), "planned": est,
                     "published": row.tokens_per_s_per_gpu,

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Submit the M2-omni training pipeline as a chain of Slurm jobs:
-#   PT-1 -> PT-2 -> step-balance calibration -> PT-3 -> IT-1 -> IT-2 -> IT-3
+#   PT-1 -> PT-2 -> step-balance calibration -> PT-3 -> IT-1 -> IT-2 -> IT-3 -> AT
 # each job starting only when the previous one finished successfully (--dependency=afterok:<id>,
 # --kill-on-invalid-dep=yes so a failed stage cancels the rest instead of leaving them pending).
 # A stage that is preempted or hits its time limit requeues itself (slurm/train.sbatch) and keeps
@@ -10,11 +10,12 @@
 #
 #   --size 9b|72b        recipes examples/stages/<size>/ (default 9b) and the default node count
 #                        (9b: 8 nodes = 64 GPUs, 72b: 32 nodes = 256 GPUs)
-#   --stages-dir DIR     any folder with pt1.yaml ... it3.yaml instead (e.g. examples/stages/tiny)
+#   --stages-dir DIR     any folder with pt1.yaml ... it3.yaml, at.yaml instead (e.g.
+#                        examples/stages/tiny); at.yaml is needed only when AT is submitted
 #   --nodes N            nodes of every job (per stage: NODES_PT1=... NODES_CALIBRATE=... env)
 #   --time HH:MM:SS      time limit of every job (per stage: TIME_PT3=...); requeues continue
-#   --from STAGE         first job to submit: pt1 pt2 calibrate pt3 it1 it2 it3 (default pt1)
-#   --to STAGE           last job to submit (default it3)
+#   --from STAGE         first job to submit: pt1 pt2 calibrate pt3 it1 it2 it3 at (default pt1)
+#   --to STAGE           last job to submit (default at: the alignment stage, DPO + LoRA)
 #   --after JOBID        make the first submitted job wait for this one (afterok)
 #   --balance-file PATH  step-balance weights written by the calibration and read by PT-3
 #                        (default: stage.step_balance_file of pt3.yaml)
@@ -34,13 +35,13 @@ set -euo pipefail
 
 die() { echo "submit_chain.sh: error: $*" >&2; exit 2; }
 
-STAGES=(pt1 pt2 calibrate pt3 it1 it2 it3)
+STAGES=(pt1 pt2 calibrate pt3 it1 it2 it3 at)
 size=9b
 stages_dir=
 nodes=
 time_limit=
 from=pt1
-to=it3
+to="at"
 after=
 balance_file=
 calibrate=1
@@ -94,6 +95,9 @@ last=$(index_of "$to")
 for s in pt1 pt2 pt3 it1 it2 it3; do
   [ -f "$stages_dir/$s.yaml" ] || die "$stages_dir/$s.yaml not found"
 done
+if [ "$last" -ge "$(index_of at)" ]; then
+  [ -f "$stages_dir/at.yaml" ] || die "$stages_dir/at.yaml not found (or pass --to it3)"
+fi
 if [ -z "$balance_file" ]; then
   # stage.step_balance_file of pt3.yaml (block or flow style: `step_balance_file: PATH`)
   balance_file=$(sed -n 's/.*step_balance_file:[[:space:]]*\([^,}[:space:]]*\).*/\1/p' \

@@ -77,3 +77,36 @@ def omni_batch(cfg, seed: int = 0, vision: bool = True, audio: bool = True, pad_
                 vision_patches=patches if vision else None,
                 vision_grid_thw=torch.tensor(grids) if vision else None,
                 audio_waveforms=waves if audio else None, sample_names=names)
+
+
+class MemoryData:
+    """An in-memory data source with the Trainer's data interface (next / val_batches /
+    save_state / restore_state / skipped_total): micro-batch n of a modality is
+    ``omni_batch(cfg, seed=offset + n % period)`` with media only where the modality has them
+    (``vision`` / ``audio`` name the modalities that carry images / audio; None: none)."""
+
+    def __init__(self, cfg, period: int = 3, offset: int = 0, vision: str | None = "image",
+                 audio: str | None = "audio", val_seed: int | None = None):
+        self.cfg, self.period, self.offset = cfg, period, offset
+        self.vision, self.audio, self.val_seed = vision, audio, val_seed
+        self.n = 0
+        self.skipped_total = 0
+
+    def _batch(self, modality, seed):
+        return omni_batch(self.cfg, seed=seed, vision=modality == self.vision,
+                          audio=modality == self.audio)
+
+    def next(self, modality):
+        self.n += 1
+        return self._batch(modality, self.offset + self.n % self.period)
+
+    def val_batches(self, modality, n):
+        if self.val_seed is None:
+            return []
+        return [self._batch(modality, self.val_seed + i) for i in range(n)]
+
+    def save_state(self):
+        return {"n": self.n}
+
+    def restore_state(self, state):
+        self.n = state["n"]

@@ -8,16 +8,21 @@
    (each modality alone until its loss plateaus), then joint training with the step-balance
    weights;
 4. IT-3-like stage from the PT-3 checkpoint with dynamic adaptive balance;
-5. prints a summary: per-modality loss at the start and end of each stage, the balance weights,
+5. AT alignment stage from the IT-3 checkpoint: LoRA adapters only (about 5% of the LLM), DPO on
+   preference pairs of every modality (the right colour / direction / pitch / image / sum vs a
+   wrong one) + 0.3 x SFT on the instruction groups, mixed 1 : 1; reward accuracy and margin on
+   held-out pairs before and after;
+6. prints a summary: per-modality loss at the start and end of each stage, the balance weights,
    where the checkpoints and TensorBoard logs are. Exits non-zero if a modality's loss did not
-   fall;
-6. scores the held-out split with ``tools/generate.py --eval`` (loss and greedy answers per
-   modality) to show what the tiny model learned.
+   fall in PT-3 / IT-3, or if the held-out reward margin did not rise in AT;
+7. scores the held-out split with ``tools/generate.py --eval`` for the IT-3 and the AT
+   checkpoints and prints their answers side by side.
 
 Running it again reuses the data and resumes each stage from its newest checkpoint (a finished
 stage is reported, not retrained); ``--fresh`` deletes earlier runs first.
 
     python tools/demo.py [--out demo_out] [--fresh] [--pt3-steps 100] [--it3-steps 80]
+                         [--at-steps 30]
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=48, help="synthetic samples per modality")
     p.add_argument("--pt3-steps", type=int, default=100, help="PT-3 optimizer steps")
     p.add_argument("--it3-steps", type=int, default=80, help="IT-3 optimizer steps")
+    p.add_argument("--at-steps", type=int, default=30, help="AT (DPO + LoRA) optimizer steps")
     return p.parse_args(argv)
 
 
@@ -66,13 +72,13 @@ def prepare_data(out: Path, samples: int) -> tuple[Path, Path]:
 
     raw, prepared, tok = out / "raw", out / "prepared", out / "tokenizer.json"
     report_file = prepared / "preprocess_report.json"
-    if report_file.exists() and tok.exists():
+    if report_file.exists() and tok.exists() and (prepared / "preference").is_dir():
         say(f"reusing prepared data in {prepared}")
         return prepared, tok
     shutil.rmtree(prepared, ignore_errors=True)
     t = time.time()
     make_synthetic_dataset(raw, num_per_modality=samples, seed=0, broken=True,
-                           num_val_per_modality=8)
+                           num_val_per_modality=8, preference=True)
     train_tiny_tokenizer(corpus_texts(raw), 400, tok)
     say(f"synthetic dataset + tokenizer in {time.time() - t:.1f}s -> {raw}")
     t = time.time()
@@ -135,20 +141,47 @@ def main(argv=None) -> int:
     say("IT-3 omni instruction stage with dynamic adaptive balance (from the PT-3 checkpoint)")
     if launch(args, stages / "it3.yaml", it3):
         return 1
+    at = common + [f"training.save={runs / 'at'}", f"training.train_iters={args.at_steps}",
+                   f"stage.init_from={runs / 'it3'}"]
+    say("AT alignment: LoRA adapters only, DPO on preference pairs + 0.3 x SFT (from IT-3)")
+    if launch(args, stages / "at.yaml", at):
+        return 1
     rc = summarize(runs, time.time() - t0)
-    say("what the tiny model learned: held-out split, teacher-forced loss and greedy answers")
-    subprocess.call([sys.executable, str(REPO / "tools" / "generate.py"), "--checkpoint",
-                     str(runs / "it3"), "--eval", "--eval-samples", "4"], cwd=REPO,
-                    env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-                             TQDM_DISABLE="1"))
+    say("what the tiny model learned: held-out split, teacher-forced loss and greedy answers, "
+        "IT-3 next to AT")
+    compare_answers(runs)
     return rc
+
+
+def compare_answers(runs: Path, samples: int = 4) -> None:
+    """``tools/generate.py --eval`` of the IT-3 and AT checkpoints, printed side by side."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+    res = {}
+    for stage in ("it3", "at"):
+        out = runs / f"eval_{stage}.json"
+        subprocess.call([sys.executable, str(REPO / "tools" / "generate.py"), "--checkpoint",
+                         str(runs / stage), "--eval", "--eval-samples", str(samples), "--json",
+                         str(out)], cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+        res[stage] = json.loads(out.read_text())["eval"] if out.exists() else {}
+    say(f"{'modality':<12} {'IT-3 loss':>9} {'AT loss':>8} {'IT-3 acc':>9} {'AT acc':>7}")
+    for m, r in res.get("it3", {}).items():
+        a = res.get("at", {}).get(m, {})
+
+        def f(x, w):
+            return f"{x:{w}.3f}" if isinstance(x, (int, float)) else f"{'n/a':>{w}}"
+
+        say(f"{m:<12} {f(r.get('loss'), 9)} {f(a.get('loss'), 8)} {f(r.get('accuracy'), 9)} "
+            f"{f(a.get('accuracy'), 7)}")
+        for ex_it, ex_at in zip(r.get("examples", []), a.get("examples", [])):
+            say(f"   {ex_it['key']}: reference {ex_it['reference']!r}  IT-3 "
+                f"{ex_it['answer']!r}  AT {ex_at['answer']!r}")
 
 
 def summarize(runs: Path, seconds: float) -> int:
     ok = True
     say("=" * 78)
     say(f"summary ({seconds / 60:.1f} min)")
-    for stage in ("pt3", "it3"):
+    for stage in ("pt3", "it3", "at"):
         f = runs / stage / "summary.json"
         if not f.exists():
             say(f"{stage}: no summary found")
@@ -160,11 +193,21 @@ def summarize(runs: Path, seconds: float) -> int:
         for m in sorted(s["start_losses"]):
             a, b = s["start_losses"][m], s["end_losses"].get(m, float("nan"))
             fell = b < a
-            ok &= fell or not s["trained_here"]
+            if stage != "at":  # AT: the SFT term is 0.3 x and only LoRA trains; judged below
+                ok &= fell or not s["trained_here"]
             say(f"   {m:<12} loss {a:7.4f} -> {b:7.4f}  {'fell' if fell else 'DID NOT FALL'}")
         say("   balance weights: " + ", ".join(f"{k} {v:.3f}" for k, v in s["weights"].items()))
+        ev = s.get("preference_eval") or {}
+        if stage == "at" and ev.get("start") and ev.get("end"):
+            st, en = ev["start"], ev["end"]
+            rose = en["dpo/reward_margin"] > st["dpo/reward_margin"]
+            ok &= rose or not s["trained_here"]
+            say(f"   held-out pairs: reward accuracy {st['dpo/accuracy']:.3f} -> "
+                f"{en['dpo/accuracy']:.3f}, reward margin {st['dpo/reward_margin']:+.4f} -> "
+                f"{en['dpo/reward_margin']:+.4f} ({'rose' if rose else 'DID NOT RISE'}), "
+                f"DPO loss {st['dpo/loss']:.4f} -> {en['dpo/loss']:.4f}")
     if not ok:
-        say("a modality's loss did not fall")
+        say("a modality's loss did not fall (PT-3 / IT-3) or the AT reward margin did not rise")
         return 1
     return 0
 

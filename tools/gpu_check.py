@@ -390,27 +390,6 @@ def stage_vit_te_vs_local(ctx: Ctx) -> dict:
     return dict(out, status="PASS" if ok else "FAIL")
 
 
-class _MemoryData:
-    def __init__(self, cfg):
-        self.cfg, self.n, self.skipped_total = cfg, 0, 0
-
-    def next(self, modality):
-        from omni_batch import omni_batch
-
-        self.n += 1
-        return omni_batch(self.cfg, seed=self.n % 4, vision=modality == "image",
-                          audio=modality == "audio")
-
-    def val_batches(self, modality, n):
-        return []
-
-    def save_state(self):
-        return {"n": self.n}
-
-    def restore_state(self, state):
-        self.n = state["n"]
-
-
 def _train(ctx: Ctx, *extra, steps=3):
     ensure_runtime()
     torch = ctx.torch
@@ -424,7 +403,9 @@ def _train(ctx: Ctx, *extra, steps=3):
                    gpu=ctx.cuda)
     torch.manual_seed(7)
     tensor_parallel.model_parallel_cuda_manual_seed(7)
-    t = Trainer(cfg, data=_MemoryData(cfg), printer=lambda s: None)
+    from omni_batch import MemoryData
+
+    t = Trainer(cfg, data=MemoryData(cfg, period=4), printer=lambda s: None)
     t.setup()
     s = t.train()
     return s, t

@@ -87,7 +87,7 @@ SKIP_REASONS = (
     "empty_conversation",
 )
 _MANAGED = ("images", "videos", "audios", "broken", "manifest.json") + tuple(
-    f"{m}{s}.jsonl" for m in MODALITIES for s in ("", "_val")
+    f"{m}{s}.jsonl" for m in MODALITIES + ("preference",) for s in ("", "_val")
 )
 
 
@@ -346,6 +346,78 @@ def _text_lines(wr: _Writer, rng: random.Random, n: int) -> list[dict]:
     return out
 
 
+PREFERENCE = "preference"
+"""Preference-pair file (``preference.jsonl`` / ``preference_val.jsonl``), written on request."""
+
+
+def _preference_lines(wr: _Writer, rng: random.Random, n: int) -> list[dict]:
+    """DPO pairs in every modality, cycling image, video, audio, interleaved, text: the chosen
+    answer is the true one (colour or shape, direction, pitch, which image or same shape, a sum).
+    The rejected one is an answer of ANOTHER question's kind (a shape for a colour question and a
+    colour for a shape question, a pitch word for a direction question, a direction for a pitch
+    question, yes/no for "which image" and an image for "same shape?", a word for a sum), kinds
+    balanced so that no answer word is simply penalised: a preference the tiny demo model learns
+    from a few dozen pairs and carries over to held-out pairs. (A wrong answer of the same kind, e.g. the wrong colour, asks the model to
+    read the media better than instruction tuning already taught it: more data than the demo
+    trains on.)"""
+    out = []
+    for i in range(n):
+        kind = i % 5
+        if kind == 0:
+            shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+            rel = _save_image(wr, rng, _shape_image(rng, shape, color))
+            if rng.random() < 0.5:
+                q, good, bad = "What colour is the shape?", color, rng.choice(SHAPES)
+            else:
+                q, good, bad = "What shape is this?", shape, rng.choice(list(COLORS))
+            rec = {"prompt": f"<image>\n{q}", "chosen": good, "rejected": bad, "images": [rel],
+                   "task": "image_pref", "meta": {"shape": shape, "color": color}}
+        elif kind == 1:
+            shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+            direction = rng.choice(DIRECTIONS)
+            frames = _moving_shape_video(rng, shape, color, direction)
+            rel = wr.name("videos", "avi")
+            _write_video(wr.root / rel, frames, True)
+            wrong = rng.choice(list(PITCHES))
+            rec = {"prompt": "<video>\nWhich way does the shape move?", "chosen": direction,
+                   "rejected": wrong, "videos": [rel], "task": "video_pref",
+                   "meta": {"direction": direction}}
+        elif kind == 2:
+            import soundfile as sf
+
+            pitch, count = rng.choice(list(PITCHES)), rng.choice((1, 2))
+            x, sr = _beeps(rng, pitch, count)
+            rel = wr.name("audios", "wav")
+            sf.write(str(wr.root / rel), x, sr, subtype="PCM_16", format="WAV")
+            wrong = rng.choice(DIRECTIONS)
+            rec = {"prompt": "<audio>\nIs the tone low, mid or high?", "chosen": pitch,
+                   "rejected": wrong, "audios": [rel], "task": "audio_pref",
+                   "meta": {"pitch": pitch, "beeps": count}}
+        elif kind == 3:
+            c1, c2 = rng.sample(list(COLORS), 2)
+            s1, s2 = rng.choice(SHAPES), rng.choice(SHAPES)
+            first = rng.random() < 0.5
+            rels = [_save_image(wr, rng, _shape_image(rng, s, c)) for s, c in ((s1, c1), (s2, c2))]
+            if rng.random() < 0.5:
+                q = f"Which image is {c1 if first else c2}?"
+                good = "the first image" if first else "the second image"
+                bad = rng.choice(("yes", "no"))
+            else:
+                q = "Do both images show the same shape?"
+                good = "yes" if s1 == s2 else "no"
+                bad = rng.choice(("the first image", "the second image"))
+            rec = {"prompt": f"Image 1: <image>\nImage 2: <image>\n{q}", "chosen": good,
+                   "rejected": bad, "images": rels, "task": "interleaved_pref",
+                   "meta": {"colors": [c1, c2], "shapes": [s1, s2]}}
+        else:
+            a, b = rng.randint(0, 49), rng.randint(0, 49)
+            rec = {"prompt": f"What is {a} + {b}?", "chosen": str(a + b),
+                   "rejected": rng.choice(WORDS),
+                   "task": "text_pref", "meta": {"a": a, "b": b}}
+        out.append(rec)
+    return out
+
+
 _BUILDERS = {
     "text": _text_lines,
     "image": _image_lines,
@@ -417,12 +489,15 @@ def make_synthetic_dataset(
     broken: bool = False,
     num_val_per_modality: int | None = None,
     overwrite: bool = True,
+    preference: bool = False,
 ) -> dict[str, Any]:
     """Write the dataset under ``out_dir``; returns the manifest (also saved as manifest.json).
 
     ``num_per_modality`` training lines per modality file (before broken lines are inserted);
     ``num_val_per_modality`` defaults to ``max(4, num_per_modality // 4)``. With
     ``overwrite`` (default) the files this tool owns are replaced; other files are left alone.
+    ``preference``: also write DPO pairs (``preference.jsonl`` / ``preference_val.jsonl``, the
+    same line counts, see :func:`_preference_lines`) for the alignment stage.
     """
     if num_per_modality < 1:
         raise ValueError(f"num_per_modality must be >= 1, got {num_per_modality}")
@@ -445,6 +520,11 @@ def make_synthetic_dataset(
             recs = _BUILDERS[mod](wr, rng, count)
             key = f"{mod}.jsonl" if split == "train" else f"{mod}_val.jsonl"
             lines[key] = [json.dumps(r, ensure_ascii=False).encode("utf-8") for r in recs]
+        if preference:
+            rng = random.Random(f"{seed}/{PREFERENCE}/{split}")
+            recs = _preference_lines(wr, rng, count)
+            key = f"{PREFERENCE}.jsonl" if split == "train" else f"{PREFERENCE}_val.jsonl"
+            lines[key] = [json.dumps(r, ensure_ascii=False).encode("utf-8") for r in recs]
 
     broken_list: list[dict[str, Any]] = []
     if broken:
@@ -462,7 +542,7 @@ def make_synthetic_dataset(
     files: dict[str, dict[str, Any]] = {}
     for key, ls in lines.items():
         (root / key).write_bytes(b"".join(ln + b"\n" for ln in ls))
-    for mod in MODALITIES:
+    for mod in MODALITIES + ((PREFERENCE,) if preference else ()):
         files[mod] = {
             "train": f"{mod}.jsonl",
             "val": f"{mod}_val.jsonl",
@@ -499,6 +579,7 @@ def corpus_texts(out_dir: str | Path) -> list[str]:
             out.append(o.get("text") or "")
             out += [m.get("content", "") for m in o.get("messages") or []
                     if isinstance(m, dict) and isinstance(m.get("content"), str)]
+            out += [o[k] for k in ("prompt", "chosen", "rejected") if isinstance(o.get(k), str)]
     return out
 
 def main(argv: list[str] | None = None) -> int:
@@ -521,11 +602,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broken", action="store_true",
                    help="also insert deliberately broken lines/files (listed with their expected "
                         "skip reason in manifest.json) to test preprocessing's error handling")
+    p.add_argument("--preference", action="store_true",
+                   help="also write DPO preference pairs (preference.jsonl, preference_val.jsonl) "
+                        "in every modality for the alignment stage (AT)")
     p.add_argument("--no-overwrite", action="store_true",
                    help="fail instead of replacing an existing dataset in out_dir")
     a = p.parse_args(argv)
     m = make_synthetic_dataset(a.out_dir, a.num_per_modality, a.seed, a.broken,
-                               a.num_val_per_modality, overwrite=not a.no_overwrite)
+                               a.num_val_per_modality, overwrite=not a.no_overwrite,
+                               preference=a.preference)
     n_train = sum(f["train_lines"] for f in m["files"].values())
     n_val = sum(f["val_lines"] for f in m["files"].values())
     print(f"wrote {a.out_dir}: {n_train} train lines, {n_val} val lines, media {m['media_counts']}, "

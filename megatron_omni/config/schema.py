@@ -586,6 +586,51 @@ class StageConfig:
 
 
 @dataclass
+class AlignmentConfig:
+    """The alignment stage (AT, ``stage.name: at``): DPO + ``sft_weight`` x SFT, LoRA on the
+    LLM (training/lora.py, training/dpo.py). ``lora_rank`` > 0 switches LoRA on (any stage)."""
+
+    lora_rank: int = 0
+    """LoRA rank r; 0 = no adapters. Recipes pick r so the adapters are about 5% of the LLM."""
+
+    lora_alpha: float = 16.0
+    """LoRA alpha: the adapter output is scaled by alpha / r."""
+
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input."""
+
+    lora_targets: list[str] = field(default_factory=lambda: [
+        "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    """LLM decoder linears that get adapters."""
+
+    dpo_beta: float = 0.1
+    """DPO beta: L_dpo = -log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r)))."""
+
+    sft_weight: float = 0.3
+    """L = L_dpo + sft_weight * L_sft (M2-omni: 0.3)."""
+
+    preference_dataset: str = "preference"
+    """Dataset (under data.path) holding the preference pairs; its rows form one group."""
+
+    preference_ratio: float = 1.0
+    """Preference micro-batches per instruction micro-batch in every step (1 : 1 by default):
+    each step takes training.num_micro_batches rows of every instruction modality and
+    max(1, round(ratio * M * num_micro_batches)) preference rows."""
+
+    def __post_init__(self):
+        _check(self.lora_rank >= 0, "alignment.lora_rank must be >= 0 (0 = no LoRA)")
+        _check(self.lora_alpha > 0, "alignment.lora_alpha must be > 0")
+        _check(0.0 <= self.lora_dropout < 1.0, "alignment.lora_dropout must be in [0, 1)")
+        known = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+        _check(bool(self.lora_targets) and all(t in known for t in self.lora_targets),
+               f"alignment.lora_targets must be a non-empty subset of {list(known)}, got "
+               f"{self.lora_targets}")
+        _check(self.dpo_beta > 0, "alignment.dpo_beta must be > 0")
+        _check(self.sft_weight >= 0, "alignment.sft_weight must be >= 0")
+        _check(self.preference_ratio > 0, "alignment.preference_ratio must be > 0")
+
+
+@dataclass
 class OmniConfig:
     """The root of a run configuration (one YAML file)."""
 
@@ -603,3 +648,6 @@ class OmniConfig:
 
     stage: StageConfig = field(default_factory=StageConfig)
     """Training stage."""
+
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    """Alignment stage (AT): LoRA and DPO settings."""

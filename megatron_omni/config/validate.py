@@ -28,8 +28,11 @@ def llm_layers_per_stage(num_layers: int, pp: int, first_stage: Optional[int], v
     return [first_stage] + [rest // (pp - 1)] * (pp - 1)
 
 
-def validate(cfg: OmniConfig, world_size: Optional[int] = None) -> None:
-    """Raise ConfigError with an actionable message for an inconsistent configuration."""
+def validate(cfg: OmniConfig, world_size: Optional[int] = None, training: bool = True) -> None:
+    """Raise ConfigError with an actionable message for an inconsistent configuration.
+
+    ``training=False`` checks a layout only as megatron-core could run it (the planner modelling
+    published rows): what this project cannot train yet (context parallelism) is not refused."""
     errors: list[str] = []
     p, llm = cfg.parallel, cfg.model.llm
     tp, pp, vpp, cp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
@@ -50,6 +53,17 @@ def validate(cfg: OmniConfig, world_size: Optional[int] = None) -> None:
         errors.append(
             f"model.vision.num_heads ({cfg.model.vision.num_heads}) is not divisible by "
             f"parallel.tensor_model_parallel_size ({tp})")
+
+    # Alignment stage (AT): the DPO reference is the network with its adapters switched off.
+    al = cfg.alignment
+    if cfg.stage.name == "at":
+        if al.lora_rank < 1:
+            errors.append("stage.name=at trains LoRA adapters and uses the network with them "
+                          "switched off as the DPO reference: set alignment.lora_rank >= 1 "
+                          "(recipes pick it so the adapters are about 5% of the LLM)")
+        if al.preference_dataset in cfg.data.modalities:
+            errors.append(f"alignment.preference_dataset ({al.preference_dataset}) is also in "
+                          f"data.modalities; list only the instruction datasets there")
 
     # Pipeline split of the LLM layers.
     if pp > 1:
@@ -86,7 +100,7 @@ def validate(cfg: OmniConfig, world_size: Optional[int] = None) -> None:
         errors.append(
             f"data.seq_length ({cfg.data.seq_length}) must be divisible by "
             f"parallel.tensor_model_parallel_size ({tp}) under sequence_parallel")
-    if cp > 1:
+    if cp > 1 and training:
         # megatron-core's CP attention expects each rank to hold its 2*CP load-balanced slices of
         # every packed sequence (and cu_seqlens_padded to match); nothing in the data path or the
         # model slices batches that way yet, so CP > 1 would train on wrong attention.

@@ -9,8 +9,8 @@ is about one layer plus one shard.
 
 LoRA: parameters named ``X.lora_A[.name].weight`` / ``X.lora_B[.name].weight`` are merged into
 ``X.weight`` as ``W + scale * B @ A`` (scale = ``--lora-scale``, else ``lora_alpha / lora_rank``
-from the saved run config). megatron-omni has no LoRA modules yet, so today's checkpoints have
-none and this step does nothing.
+from the saved run config). Alignment-stage (AT) checkpoints hold them in that layout
+(``training/lora.py``); other checkpoints have none and this step does nothing.
 """
 
 from __future__ import annotations

@@ -9,7 +9,10 @@ The rules follow megatron-core's tensor-parallel layers:
   separately and re-concatenated per rank;
 * row-parallel weights (``linear_proj``, ``linear_fc2``) are split along dim 1; their biases are
   replicated (``RowParallelLinear`` adds the full bias after the all-reduce);
-* norms and anything else are replicated.
+* norms and anything else are replicated;
+* LoRA adapters (``training/lora.py``) follow their base: ``lora_B`` of a column-parallel linear
+  is split along dim 0 (gated ``linear_fc1``: gate and up separately), ``lora_A`` of a
+  row-parallel linear along dim 1; the other factor is replicated.
 
 ``gated_mlp`` may be a bool or a predicate on the parameter name, for state dicts that mix gated
 (Llama) and plain (ViT, merger) MLPs.
@@ -27,9 +30,11 @@ import torch
 _LAYER = re.compile(r"^(?P<pre>(?:.*\.)?layers\.)(?P<idx>\d+)(?P<post>\..*)$")
 
 COLUMN_SUFFIXES = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias",
-                   "word_embeddings.weight", "output_layer.weight")
-ROW_SUFFIXES = ("linear_proj.weight", "linear_fc2.weight")
-GATED_SUFFIXES = ("mlp.linear_fc1.weight",)
+                   "word_embeddings.weight", "output_layer.weight",
+                   "linear_qkv.lora_B.weight", "linear_fc1.lora_B.weight")
+ROW_SUFFIXES = ("linear_proj.weight", "linear_fc2.weight",
+                "linear_proj.lora_A.weight", "linear_fc2.lora_A.weight")
+GATED_SUFFIXES = ("mlp.linear_fc1.weight", "mlp.linear_fc1.lora_B.weight")
 
 
 def partition_dim(name: str) -> Optional[int]:

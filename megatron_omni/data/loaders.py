@@ -405,6 +405,11 @@ class OmniTaskEncoder(TaskEncoder):
         except SampleError as e:
             self._skip("bad_sample", s.__key__, e)
             return None
+        return self._encode(s, t, got)
+
+    def _encode(self, s: OmniSample, t, got: dict) -> dict | None:
+        """A templated chat/text sample as the dict ``_concat`` packs (None: skipped)."""
+        r = s.record
         if not hasattr(t, "input_ids"):  # a PreferencePair (filtered before packing already)
             self._skip("preference_pair", s.__key__)
             return None
@@ -412,6 +417,10 @@ class OmniTaskEncoder(TaskEncoder):
         if n != int(r["num_tokens"]) or n > self.packing.seq_length:
             self._skip("token_count_mismatch", s.__key__, f"{n} != stored {r['num_tokens']}")
             return None
+        return self._sequence(s.__key__, t, got)
+
+    def _sequence(self, key: str, t, got: dict) -> dict:
+        n = len(t.input_ids)
         # Next-token targets inside the sample: position i predicts token i + 1; it is trained on
         # where the template gives token i + 1 a label. The last position has no target.
         loss = [lab != IGNORE_INDEX for lab in t.labels[1:]] + [False]
@@ -420,7 +429,7 @@ class OmniTaskEncoder(TaskEncoder):
             for i in range(max(a - 1, 0), b - 1):
                 gen_audio[i] = loss[i]
         return {
-            "key": s.__key__,
+            "key": key,
             "ids": t.input_ids,
             "labels": t.input_ids[1:] + [self.tok.pad_id],
             "loss": loss,
@@ -648,13 +657,17 @@ class OmniLoaders:
             which logs and skips); tests pass one that re-raises.
         media_processor: a factory for the :class:`MediaProcessor` used to decode (default: one
             from ``cfg.media_backend`` with the sizes stored by preprocessing).
+        preference_modality: the dataset of preference pairs (alignment stage), loaded with
+            :class:`~megatron_omni.data.preference.PreferenceTaskEncoder` (added to the
+            modalities if absent).
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: OmniTokenizer | None = None, *,
                  dp_rank: int | None = None, dp_size: int | None = None, dp_group=None,
                  error_handler: Callable | None = None,
                  media_processor: Callable[[dict], MediaProcessor] | None = None,
-                 modalities: Sequence[str] | None = None):
+                 modalities: Sequence[str] | None = None,
+                 preference_modality: str | None = None):
         if cfg.path is None:
             raise ValueError("data.path is not set: point it at the output of "
                              "tools/preprocess_data.py")
@@ -674,6 +687,11 @@ class OmniLoaders:
                                      max_images_per_row=cfg.max_images_per_row,
                                      max_patches_per_row=cfg.max_vision_patches_per_row)
         self.modalities = list(modalities if modalities is not None else cfg.modalities)
+        # The dataset of DPO pairs (alignment stage): packed by data/preference.py, pairs kept
+        # whole, never mixed with pure text.
+        self.preference_modality = preference_modality
+        if preference_modality is not None and preference_modality not in self.modalities:
+            self.modalities.append(preference_modality)
         self._fp = tokenizer_fingerprint(tokenizer)
         self._datasets: dict[str, _Dataset] = {}
         self.loaders: dict[str, ModalityLoader] = {}
@@ -681,7 +699,7 @@ class OmniLoaders:
         for k, m in enumerate(self.modalities):
             main = self._savable(m, seed_offset=cfg.seed)
             text = None
-            if mix_text and m != TEXT_MODALITY:
+            if mix_text and m not in (TEXT_MODALITY, preference_modality):
                 # Its own seed per group, so groups do not draw the same text rows in one step.
                 text = self._savable(TEXT_MODALITY, seed_offset=cfg.seed + 7919 * (k + 1))
             self.loaders[m] = ModalityLoader(m, main, text, cfg.pure_text_ratio)
@@ -716,7 +734,10 @@ class OmniLoaders:
     def task_encoder(self, modality: str) -> OmniTaskEncoder:
         ds = self.dataset(modality)
         meta = ds.meta
-        return OmniTaskEncoder(modality=modality, tokenizer=self.tok, packing=self.packing,
+        cls = OmniTaskEncoder
+        if modality == self.preference_modality:
+            from megatron_omni.data.preference import PreferenceTaskEncoder as cls
+        return cls(modality=modality, tokenizer=self.tok, packing=self.packing,
                                template=template_config_from(meta["template"]),
                                processor_factory=lambda: self._make_processor(meta),
                                seed=self.cfg.seed)

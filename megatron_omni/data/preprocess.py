@@ -109,7 +109,7 @@ __all__ = [
     "tokenizer_fingerprint",
 ]
 
-MODALITIES = ("text", "image", "video", "audio", "interleaved")
+MODALITIES = ("text", "image", "video", "audio", "interleaved", "preference")
 """Modality datasets :func:`discover_inputs` looks for (``<name>.jsonl``, ``<name>_val.jsonl``)."""
 SPLITS = ("train", "val")
 OMNI_META = "omni.json"

@@ -606,6 +606,11 @@ def load_generation_model(checkpoint: Union[str, Path], cfg):
     model = OmniModel(cfg, pre_process=True, post_process=True)
     if torch.cuda.is_available():
         model = model.cuda()
+    al = getattr(cfg, "alignment", None)
+    if al is not None and al.lora_rank > 0:  # an alignment-stage (AT) checkpoint: its adapters
+        from ..training.lora import apply_lora
+
+        apply_lora([model], al.lora_rank, al.lora_alpha, targets=al.lora_targets)
     load_checkpoint(checkpoint, [model], weights_only=True)
     return model.eval()
 
@@ -725,7 +730,8 @@ def evaluate(model, tokenizer, data_cfg, *, modalities: Optional[Sequence[str]] 
     sp = tokenizer.special
     root = Path(data_cfg.path)
     if modalities is None:
-        modalities = [m for m in MODALITIES if (root / m / ".nv-meta" / "dataset.yaml").is_file()]
+        modalities = [m for m in MODALITIES if m != "preference"  # pairs: not an answer task
+                      and (root / m / ".nv-meta" / "dataset.yaml").is_file()]
     dcfg = dataclasses.replace(data_cfg, micro_batch_size=1, pure_text_ratio=0.0, num_workers=0,
                                modalities=list(modalities))
     loaders = OmniLoaders(dcfg, tokenizer, dp_rank=0, dp_size=1, modalities=[])

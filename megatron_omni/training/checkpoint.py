@@ -709,8 +709,13 @@ def save_checkpoint(root: Union[str, Path], step: int, model_chunks: Sequence[to
 
 # --- load -----------------------------------------------------------------------------------------
 
+LORA_PATTERN = "*.lora_"
+"""An ``allow_missing`` entry matching every LoRA adapter (new in the alignment stage)."""
+
+
 def _matches(key: str, prefixes: Sequence[str]) -> bool:
-    return any(key.startswith(p) for p in prefixes)
+    """``key`` starts with one of ``prefixes``; an entry ``*text`` matches ``text`` anywhere."""
+    return any(key.startswith(p) if not p.startswith("*") else p[1:] in key for p in prefixes)
 
 
 def _comm_device(group=None):

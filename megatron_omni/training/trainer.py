@@ -91,9 +91,11 @@ class EnergonData:
         from ..data.loaders import OmniLoaders
 
         # The DP rank is passed explicitly: every data-parallel rank must read its own slice.
+        pref = cfg.alignment.preference_dataset if cfg.stage.name == "at" else None
         self.loaders = OmniLoaders(cfg.data, tokenizer, dp_rank=ps.get_data_parallel_rank(),
                                    dp_size=ps.get_data_parallel_world_size(),
-                                   dp_group=ps.get_data_parallel_group())
+                                   dp_group=ps.get_data_parallel_group(),
+                                   preference_modality=pref)
         self.skipped_total = 0
         from ..data.media.deferred import make_training_decoder
 
@@ -196,8 +198,10 @@ class Trainer:
         st = cfg.stage
         counts = [set_trainable(c, vision=st.train_vision, audio=st.train_audio,
                                 projectors=st.train_projectors, llm=st.train_llm) for c in chunks]
-        if not any(sum(c.values()) for c in counts) and _rank() == 0:
-            raise ConfigError("stage.train_* leave nothing trainable")
+        lora = self._apply_lora(chunks)
+        if not any(sum(c.values()) for c in counts) and not lora and _rank() == 0:
+            raise ConfigError("stage.train_* leave nothing trainable (and alignment.lora_rank "
+                              "is 0)")
         self.chunks = chunks
         self.model = wrap_ddp(cfg, chunks)
         self.optimizer = build_optimizer(cfg, self.model)
@@ -206,6 +210,8 @@ class Trainer:
             self._data = EnergonData(cfg, self.tokenizer)
         self.data = self._data
         self.modalities = list(cfg.data.modalities)
+        # Alignment stage: the preference pairs form one more group, trained with DPO.
+        self.preference = cfg.alignment.preference_dataset if st.name == "at" else None
         self.balancer: Optional[DynamicBalancer] = None
         self.weights = {m: 1.0 for m in self.modalities}
         if st.balance == "step":
@@ -254,9 +260,15 @@ class Trainer:
                     Path(cfg.stage.init_from) / ckpt.COMPLETE).exists():
                 raise ConfigError(f"stage.init_from={cfg.stage.init_from} holds no complete "
                                   f"checkpoint; run the previous stage first or fix the path")
-            allow = cfg.stage.init_allow_missing or False
-            ckpt.load_checkpoint(cfg.stage.init_from, self.model, self.optimizer, None,
-                                 weights_only=True, allow_missing=allow)
+            allow = list(cfg.stage.init_allow_missing or [])
+            if cfg.alignment.lora_rank > 0:
+                allow.append(ckpt.LORA_PATTERN)  # adapters are new in this stage
+            allow = allow or False
+            from .lora import adapters_left_out_of_checkpoint
+
+            with adapters_left_out_of_checkpoint():
+                ckpt.load_checkpoint(cfg.stage.init_from, self.model, self.optimizer, None,
+                                     weights_only=True, allow_missing=allow)
             if _is_logging_rank():
                 self.printer(f" initialised weights from {cfg.stage.init_from} (fresh optimizer)")
 
@@ -312,6 +324,67 @@ class Trainer:
             m.train()
         return {m: res.losses[m] for m in self.modalities}
 
+    # ------------------------------------------------------------------------------- alignment
+    def _apply_lora(self, chunks) -> int:
+        """LoRA adapters on the LLM when ``alignment.lora_rank`` > 0 (after freezing, before
+        DDP); logs their share of the LLM. Returns this rank's adapter parameter count."""
+        al = self.cfg.alignment
+        if al.lora_rank <= 0:
+            return 0
+        from .lora import apply_lora, trainable_share
+
+        n = apply_lora(chunks, al.lora_rank, al.lora_alpha, al.lora_dropout, al.lora_targets,
+                       seed=self.cfg.training.seed)
+        share = trainable_share(chunks)
+        self.lora_share = share
+        if _is_logging_rank():
+            self.printer(f" LoRA: {100 * share['share']:.1f}% of the LLM ({share['lora']:,.0f} "
+                         f"adapter weights, rank {al.lora_rank}, alpha {al.lora_alpha:g}, on "
+                         f"{', '.join(al.lora_targets)}); every other weight is frozen")
+        return n
+
+    def _preference_rows(self) -> int:
+        tr, al = self.cfg.training, self.cfg.alignment
+        return max(1, round(al.preference_ratio * len(self.modalities) * tr.num_micro_batches))
+
+    def _at_step(self, groups: dict, weights: dict[str, float], forward_only: bool = False):
+        from .dpo import run_at_step
+
+        al = self.cfg.alignment
+        groups = dict(groups)
+        if self.preference not in groups:
+            groups[self.preference] = [to_model_batch(self.data.next(self.preference))
+                                       for _ in range(self._preference_rows())]
+        total = sum(weights.get(m, 1.0) for m in self.modalities) or 1.0
+        sft_w = {m: weights.get(m, 1.0) / total for m in self.modalities}
+        return run_at_step(self.model, groups, self.preference, self.special,
+                           beta=al.dpo_beta, sft_weight=al.sft_weight, weights=sft_w,
+                           gen_audio_weight=self.cfg.stage.gen_audio_loss_weight,
+                           forward_only=forward_only)
+
+    def preference_eval(self) -> dict[str, float]:
+        """DPO metrics on held-out pairs (the preference dataset's val split, at most
+        ``stage.val_micro_batches`` rows per DP rank), forward only, adapters on vs off."""
+        batches = [to_model_batch(b) for b in
+                   self.data.val_batches(self.preference, self.cfg.stage.val_micro_batches)]
+        if not batches:
+            raise ConfigError(f"no held-out preference pairs ({self.preference}_val.jsonl) for "
+                              f"the alignment stage's evaluation")
+        for m in self.model:
+            m.eval()
+        with torch.no_grad():
+            res = self._at_step({self.preference: batches}, {}, forward_only=True)
+        for m in self.model:
+            m.train()
+        out = {k: v for k, v in res.metrics.items() if k.startswith("dpo/")}
+        if _is_logging_rank():
+            self.printer(f" held-out pairs at step {self.step}: " +
+                         " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
+            if self.logger.writer is not None:
+                for k, v in out.items():
+                    self.logger.writer.add_scalar(f"val/{k}", v, self.step)
+        return out
+
     # ------------------------------------------------------------------------------- loop
     def train(self) -> RunSummary:
         cfg, tr = self.cfg, self.cfg.training
@@ -319,6 +392,8 @@ class Trainer:
         started = self.step
         for m in self.model:
             m.train()
+        if self.preference is not None and self.step < tr.train_iters:
+            self.preference_eval_start = self.preference_eval()
         while self.step < tr.train_iters:
             t0 = time.perf_counter()
             groups = {m: [to_model_batch(self.data.next(m))
@@ -327,8 +402,11 @@ class Trainer:
             for m in self.model:
                 m.zero_grad_buffer()
             self.optimizer.zero_grad()
-            res: StepResult = run_group_step(self.model, groups, weights, self.special,
-                                             cfg.stage.gen_audio_loss_weight)
+            if self.preference is not None:
+                res: StepResult = self._at_step(groups, weights)
+            else:
+                res = run_group_step(self.model, groups, weights, self.special,
+                                     cfg.stage.gen_audio_loss_weight)
             grad_norm = None
             if not res.finite:
                 self.nan_steps += 1
@@ -348,6 +426,9 @@ class Trainer:
             self.step += 1
             dt = time.perf_counter() - t0
             losses = {k: v for k, v in res.losses.items() if res.tokens.get(k, 0) > 0}
+            metrics = dict(getattr(res, "metrics", {}) or {})
+            if "dpo/loss" in metrics:
+                losses["dpo"] = metrics["dpo/loss"]
             if not summary.first_losses:
                 summary.first_losses = dict(losses)
             summary.last_losses = dict(losses)
@@ -363,7 +444,9 @@ class Trainer:
                     flops=self._step_flops(groups) if self.step % tr.log_interval == 0 else 0.0,
                     num_devices=self.num_devices,
                     skipped_samples=getattr(self.data, "skipped_total", 0),
-                    nan_steps=self.nan_steps))
+                    nan_steps=self.nan_steps, extra=metrics))
+                if metrics and _is_logging_rank():
+                    self.printer("   " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if self.balancer is not None and self.step % cfg.stage.balance_interval == 0:
                 val = self.validation_segment()
                 self.balancer.update(val)
@@ -380,6 +463,8 @@ class Trainer:
             final = Path(tr.save) / ckpt.step_dir_name(self.step)
             # A stage resumed at its end (a rerun) already has this checkpoint: keep it.
             summary.checkpoint = str(final) if final.exists() else str(self.save())
+        if self.preference is not None and self.step > started:
+            self.preference_eval_end = self.preference_eval()
         summary.weights = self.current_weights()
         summary.steps_done = self.step - started
         summary.last_step = self.step
@@ -456,6 +541,13 @@ class Trainer:
                 "start_losses": start, "end_losses": end, "weights": summary.weights,
                 "trained_here": bool(hist), "nan_steps": summary.nan_steps,
                 "checkpoint": summary.checkpoint, "tensorboard": summary.tensorboard}
+        if self.preference is not None:
+            ev = (prev or {}).get("preference_eval", {})
+            if started == 0 or "start" not in ev:
+                ev["start"] = getattr(self, "preference_eval_start", None)
+            if getattr(self, "preference_eval_end", None) is not None:
+                ev["end"] = self.preference_eval_end
+            data["preference_eval"] = ev
         path.write_text(json.dumps(data, indent=1))
 
     # ------------------------------------------------------------------------------- calibration

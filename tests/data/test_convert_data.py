@@ -483,7 +483,7 @@ def test_dpo_pairs(tmp_path, tok_path):
     ])
     out = tmp_path / "raw"
     assert convert("--format", "dpo", "--input", src, "--out", out, "--media-root", imgs) == 0
-    assert read_jsonl(out / "text.jsonl") == [
+    assert read_jsonl(out / "preference.jsonl") == [
         {"prompt": "Which animal is in <image>?", "chosen": "A cat.", "rejected": "A dog.",
          "images": ["p/1.png"], "source_id": "d1"},
         {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon",
@@ -492,9 +492,9 @@ def test_dpo_pairs(tmp_path, tok_path):
          "images": ["p/1.png", "p/2.jpg"], "source_id": "d3"},
         {"prompt": [user("Hi")], "chosen": "Hello!", "rejected": "Go.", "source_id": "d4"},
     ]
-    assert skipped(out, "text") == {"d5": "bad_record", "d6": "empty_answer",
+    assert skipped(out, "preference") == {"d5": "bad_record", "d6": "empty_answer",
                                     "d7": "placeholder_mismatch"}
-    report = preprocess_all(out, "text", imgs, tok_path, 4)
+    report = preprocess_all(out, "preference", imgs, tok_path, 4)
     assert report.written == 4
 
 

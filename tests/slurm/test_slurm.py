@@ -10,7 +10,7 @@ fake ``sbatch`` (records its arguments, prints job ids) sit first on PATH. With 
 * ``slurm/train.sbatch`` trains a tiny stage on that dataset with 2 CPU tasks; SIGUSR1 to the batch
   shell makes the trainer save and exit 75, the script requeues the job through ``scontrol``, and
   a second run resumes from the saved step;
-* ``slurm/submit_chain.sh`` submits PT-1 .. IT-3 plus the calibration job with afterok
+* ``slurm/submit_chain.sh`` submits PT-1 .. IT-3, AT plus the calibration job with afterok
   dependencies (dry run and fake sbatch);
 * the 9B / 72B stage recipes load, chain their checkpoints and fit on H100s by the planner.
 """
@@ -31,7 +31,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted([*REPO.glob("slurm/*.sh"), *REPO.glob("slurm/*.sbatch")])
-STAGES = ("pt1", "pt2", "pt3", "it1", "it2", "it3")
+STAGES = ("pt1", "pt2", "pt3", "it1", "it2", "it3", "at")
 TINY_MODEL = [
     "model.speech_codebook_size=64", "model.llm.num_layers=2",
     "model.llm.make_vocab_size_divisible_by=64", "model.vision.depth=1",
@@ -264,10 +264,11 @@ def test_train_sbatch_errors(tmp_path):
 # ------------------------------------------------------------------------------------ submit_chain
 
 def _chain_expectations(calls, ids):
-    """Check 7 submissions PT-1 .. IT-3 with the calibration before PT-3, chained by afterok."""
+    """Check 8 submissions PT-1 .. IT-3, AT with the calibration before PT-3, chained by
+    afterok."""
     names = [next(a.split("=", 1)[1] for a in c if a.startswith("--job-name=")) for c in calls]
     assert [n.rsplit("-", 1)[1] for n in names] == ["pt1", "pt2", "calibrate", "pt3", "it1",
-                                                    "it2", "it3"]
+                                                    "it2", "it3", "at"]
     for i, c in enumerate(calls):
         deps = [a for a in c if a.startswith("--dependency=")]
         if i == 0:
@@ -279,7 +280,7 @@ def _chain_expectations(calls, ids):
     script = [c.index("slurm/train.sbatch") for c in calls]
     configs = [c[k + 1] for c, k in zip(calls, script)]
     assert configs == [f"examples/stages/9b/{s}.yaml" for s in
-                       ("pt1", "pt2", "pt3", "pt3", "it1", "it2", "it3")]
+                       ("pt1", "pt2", "pt3", "pt3", "it1", "it2", "it3", "at")]
     cal = calls[2]
     bal = "runs/m2omni-9b/step_balance.json"
     assert cal[-2:] == ["--calibrate-step-balance", bal] and "stage.balance=none" in cal
@@ -293,8 +294,8 @@ def test_submit_chain_with_fake_sbatch(tmp_path):
                "data.path=/lustre/energon"], slurm.env(ACCOUNT="proj42", PARTITION="h100"))
     assert r.returncode == 0, r.stdout + r.stderr
     calls = slurm.sbatches()
-    assert len(calls) == 7
-    ids = [str(1000 + i) for i in range(7)]
+    assert len(calls) == 8
+    ids = [str(1000 + i) for i in range(8)]
     _chain_expectations(calls, ids)
     for c in calls:
         assert {"--account=proj42", "--partition=h100", "--nodes=8", "--time=12:00:00"} <= set(c)
@@ -302,7 +303,7 @@ def test_submit_chain_with_fake_sbatch(tmp_path):
     # One line per job: stage, job id, config.
     lines = [ln.split() for ln in r.stdout.splitlines()]
     assert [(ln[0], ln[1]) for ln in lines] == list(zip(
-        ["pt1", "pt2", "calibrate", "pt3", "it1", "it2", "it3"], ids))
+        ["pt1", "pt2", "calibrate", "pt3", "it1", "it2", "it3", "at"], ids))
 
     # Restart the chain at PT-3 behind a running job, weights already calibrated, per-stage nodes.
     (slurm.log / "sbatch.jsonl").unlink()
@@ -310,7 +311,7 @@ def test_submit_chain_with_fake_sbatch(tmp_path):
                "--no-calibrate"], slurm.env(NODES_IT3=16))
     assert r.returncode == 0, r.stdout + r.stderr
     calls = slurm.sbatches()
-    assert len(calls) == 4
+    assert len(calls) == 5
     assert "--dependency=afterok:777" in calls[0] and "--dependency=afterok:1000" in calls[1]
     assert "--nodes=32" in calls[0] and "--nodes=16" in calls[3]
     assert calls[0][-1] == "stage.step_balance_file=runs/m2omni-72b/step_balance.json"
@@ -326,7 +327,9 @@ def test_submit_chain_dry_run(tmp_path):
     calls = [shlex.split(ln) for ln in r.stdout.splitlines()]
     assert all(c[0] == "sbatch" for c in calls)
     _chain_expectations([c[1:] for c in calls],
-                        ["<pt1>", "<pt2>", "<calibrate>", "<pt3>", "<it1>", "<it2>"])
+                        ["<pt1>", "<pt2>", "<calibrate>", "<pt3>", "<it1>", "<it2>", "<it3>"])
+    r = _bash(["slurm/submit_chain.sh", "--dry-run", "--to", "it3"], slurm.env())
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 7
     r = _bash(["slurm/submit_chain.sh", "--from", "it2", "--to", "pt1"], slurm.env())
     assert r.returncode == 2 and "comes after" in r.stderr
 
@@ -556,6 +559,14 @@ def test_stage_recipes_validate_and_chain(size):
     assert {s for s, c in cfgs.items() if c.stage.balance != "none"} == {"pt3", "it3"}
     assert set(cfgs["pt3"].data.modalities) == set(cfgs["it3"].data.modalities) == {
         "text", "image", "video", "audio", "interleaved"}
+    # AT: DPO + 0.3 x SFT, 1 : 1 mix, only LoRA adapters of about 5% of the LLM.
+    from megatron_omni.training.lora import lora_rank_for_share
+
+    at, al = cfgs["at"], cfgs["at"].alignment
+    assert not (at.stage.train_llm or at.stage.train_vision or at.stage.train_audio
+                or at.stage.train_projectors)
+    assert al.sft_weight == 0.3 and al.preference_ratio == 1.0 and al.dpo_beta == 0.1
+    assert abs(al.lora_rank - lora_rank_for_share(llm, 0.05)) <= 0.05 * al.lora_rank
 
 
 GPUS = {"9b": 64, "72b": 256}

@@ -15,7 +15,8 @@ Not run, and listed so that a new command is never skipped silently: ``make demo
 test reproduces in small) and ``make test`` (the suite itself), and commands that need weights
 downloaded from a hub (``--llama``/``--qwen2vl``/``--funasr``/``--release`` sources, ``...``
 placeholders) or a public dataset (``omni-convert-data`` and the commands that read its
-output).
+output), and ``make gpu-check`` (it needs a GPU node; its CPU dry run is
+``tests/tools/test_gpu_check.py``).
 """
 
 import os
@@ -36,6 +37,7 @@ NOT_RUN = {
     "make demo": "reproduced in small by this test",
     "make test": "the test suite itself",
 }
+NEEDS_GPU = re.compile(r"^make gpu-check\b")
 NEEDS_DOWNLOADS = re.compile(r"--(llama|qwen2vl|funasr|release)\b|\.\.\.")
 
 
@@ -63,8 +65,8 @@ EXTERNAL_DATA = re.compile(r"^omni-convert-data\b")
 
 
 def classify(cmds: list[tuple[str, str]]) -> list[str]:
-    """Per command: "run", "not_run" (NOT_RUN), "downloads" (weights from a hub, a public
-    dataset to convert, or the output of such a command)."""
+    """Per command: "run", "not_run" (NOT_RUN), "gpu" (needs a GPU node), "downloads" (weights
+    from a hub, a public dataset to convert, or the output of such a command)."""
     kinds, external = [], set()
     for _, cmd in cmds:
         argv = shlex.split(cmd)
@@ -72,6 +74,8 @@ def classify(cmds: list[tuple[str, str]]) -> list[str]:
                             for a in argv)
         if cmd in NOT_RUN:
             kinds.append("not_run")
+        elif NEEDS_GPU.search(cmd):
+            kinds.append("gpu")
         elif NEEDS_DOWNLOADS.search(cmd) or EXTERNAL_DATA.search(cmd) or uses_external:
             kinds.append("downloads")
             if "--out" in argv:

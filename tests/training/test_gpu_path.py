@@ -21,7 +21,7 @@ import contextlib
 
 import pytest
 import torch
-from omni_batch import omni_batch, tiny_omni_cfg
+from omni_batch import MemoryData, omni_batch, tiny_omni_cfg
 
 from megatron_omni.parallel.device import comm_device, declared_device, off_device
 
@@ -150,27 +150,6 @@ def test_whole_model_lands_on_the_runtime_device(single_rank):
 
 # --- bf16 on the CPU -----------------------------------------------------------------------------
 
-class _MediaData:
-    """Each modality's micro-batch: image rows hold images/videos, audio rows audio."""
-
-    def __init__(self, cfg):
-        self.cfg, self.n, self.skipped_total = cfg, 0, 0
-
-    def next(self, modality):
-        self.n += 1
-        return omni_batch(self.cfg, seed=self.n % 3, vision=modality == "image",
-                          audio=modality == "audio")
-
-    def val_batches(self, modality, n):
-        return []
-
-    def save_state(self):
-        return {"n": self.n}
-
-    def restore_state(self, state):
-        self.n = state["n"]
-
-
 def test_bf16_training_runs_bf16_on_cpu(single_rank, tmp_path):
     """training.bf16 on the CPU: bf16 megatron modules, ViT and projectors (SAN-M stays fp32),
     bf16 ViT features reach the projector, the model trains, and the distributed optimizer
@@ -183,7 +162,7 @@ def test_bf16_training_runs_bf16_on_cpu(single_rank, tmp_path):
                         "training.train_iters=4", "training.lr=2e-3",
                         "training.lr_warmup_iters=0", "training.log_interval=100",
                         f"training.save={tmp_path / 'ckpt'}")
-    t = Trainer(cfg, data=_MediaData(cfg), printer=lambda s: None)
+    t = Trainer(cfg, data=MemoryData(cfg), printer=lambda s: None)
     t.setup()
     m = t.chunks[0]
     assert m.llm.decoder.layers[0].mlp.linear_fc1.weight.dtype == torch.bfloat16
@@ -269,6 +248,12 @@ def test_context_parallelism_is_refused_until_rows_are_sliced():
     with pytest.raises(ConfigError, match="parallel.context_parallel_size=2 is not supported"):
         validate(tiny_omni_cfg("parallel.context_parallel_size=2",
                                "model.transformer_impl=transformer_engine"), world_size=2)
+    # The planner models megatron-core's CP layouts (published rows) without training them.
+    cfg = tiny_omni_cfg("model.transformer_impl=transformer_engine")
+    cfg.parallel.context_parallel_size = 2
+    validate(cfg, world_size=2, training=False)
+    with pytest.raises(ConfigError, match="parallel.context_parallel_size=2 is not supported"):
+        validate(cfg, world_size=2)
 
 
 # --- DALI in forked loader workers ---------------------------------------------------------------

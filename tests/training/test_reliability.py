@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from omni_batch import omni_batch, tiny_omni_cfg
+from omni_batch import MemoryData, tiny_omni_cfg
 
 from megatron_omni.training import checkpoint as ckpt
 from megatron_omni.training import safe_state
@@ -26,32 +26,12 @@ from megatron_omni.training.trainer import Trainer
 REPO = Path(__file__).resolve().parents[2]
 
 
-class MemoryData:
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.n = 0
-        self.skipped_total = 0
-
-    def next(self, modality):
-        self.n += 1
-        return omni_batch(self.cfg, seed=self.n % 3, vision=False, audio=False)
-
-    def val_batches(self, modality, n):
-        return []
-
-    def save_state(self):
-        return {"n": self.n}
-
-    def restore_state(self, state):
-        self.n = state["n"]
-
-
 def make_trainer(save, *extra, setup=True):
     cfg = tiny_omni_cfg("data.modalities=[text]", "training.log_interval=1", "training.lr=1e-3",
                         f"training.save={save}", "training.keep_last_checkpoints=0",
                         "training.save_interval=1", *extra, vision=False, audio=False)
     lines = []
-    t = Trainer(cfg, data=MemoryData(cfg), printer=lines.append)
+    t = Trainer(cfg, data=MemoryData(cfg, vision=None, audio=None), printer=lines.append)
     if setup:
         t.setup()
     return t, lines

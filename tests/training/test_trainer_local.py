@@ -4,30 +4,9 @@ and stop the run after training.max_nan_steps in a row; TensorBoard gets the doc
 import math
 
 import pytest
-from omni_batch import omni_batch, tiny_omni_cfg
+from omni_batch import MemoryData, tiny_omni_cfg
 
 from megatron_omni.training.trainer import NanLossError, Trainer
-
-
-class MemoryData:
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.n = 0
-        self.skipped_total = 0
-
-    def next(self, modality):
-        self.n += 1
-        return omni_batch(self.cfg, seed=self.n % 3, vision=False, audio=modality == "audio")
-
-    def val_batches(self, modality, n):
-        return [omni_batch(self.cfg, seed=100 + i, vision=False, audio=modality == "audio")
-                for i in range(n)]
-
-    def save_state(self):
-        return {"n": self.n}
-
-    def restore_state(self, state):
-        self.n = state["n"]
 
 
 def make_trainer(tmp_path, *extra):
@@ -35,7 +14,7 @@ def make_trainer(tmp_path, *extra):
                         "training.lr=1e-3", f"training.tensorboard_dir={tmp_path / 'tb'}",
                         *extra, vision=False)
     lines = []
-    t = Trainer(cfg, data=MemoryData(cfg), printer=lines.append)
+    t = Trainer(cfg, data=MemoryData(cfg, vision=None, val_seed=100), printer=lines.append)
     t.setup()
     return t, lines
 

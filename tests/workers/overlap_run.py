@@ -13,31 +13,12 @@ from megatron_omni.parallel.cpu_compat import import_megatron_fast
 import_megatron_fast()
 
 from megatron.core import tensor_parallel  # noqa: E402
-from omni_batch import omni_batch, tiny_omni_cfg  # noqa: E402
+from omni_batch import MemoryData, tiny_omni_cfg  # noqa: E402
 
 from megatron_omni.parallel import runtime  # noqa: E402
 from megatron_omni.training.trainer import Trainer  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-class MediaData:
-    def __init__(self, cfg, rank):
-        self.cfg, self.rank, self.n, self.skipped_total = cfg, rank, 0, 0
-
-    def next(self, modality):
-        self.n += 1
-        return omni_batch(self.cfg, seed=10 * self.rank + self.n % 5,
-                          vision=modality == "image", audio=modality == "audio")
-
-    def val_batches(self, modality, n):
-        return []
-
-    def save_state(self):
-        return {"n": self.n}
-
-    def restore_state(self, state):
-        self.n = state["n"]
 
 
 def run(*extra):
@@ -46,7 +27,7 @@ def run(*extra):
                         "training.lr_warmup_iters=0", "training.log_interval=100", *extra)
     torch.manual_seed(7)
     tensor_parallel.model_parallel_cuda_manual_seed(7)
-    t = Trainer(cfg, data=MediaData(cfg, torch.distributed.get_rank()), printer=lambda s: None)
+    t = Trainer(cfg, data=MemoryData(cfg, period=5, offset=10 * torch.distributed.get_rank()), printer=lambda s: None)
     t.setup()
     torch.manual_seed(7)
     tensor_parallel.model_parallel_cuda_manual_seed(7)

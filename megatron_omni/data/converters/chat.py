@@ -57,6 +57,19 @@ def _source_id(rec: Any, fallback: str) -> str:
     return fallback
 
 
+def record_items(opts: Options, progress: Callable[[int], None],
+                 make: Callable[[Any, int, Path], Sample]) -> Iterator[Item]:
+    """One :class:`Item` per record of a JSON array / JSONL input: ``make(record, index,
+    media_root)`` under :func:`attempt`, unreadable lines as their skip, ids from the record."""
+    media_root = opts.media_root or opts.input.parent
+    for i, rec in iter_json_records(opts.input, progress):
+        sid = _source_id(rec, f"{opts.input.name}:{i}")
+        if isinstance(rec, Skip):
+            yield Item(sid, rec)
+            continue
+        yield attempt(sid, make, rec, i, media_root)
+
+
 def conversation_sample(rec: Any, media_root: Path) -> Sample:
     """One LLaVA / ShareGPT record -> our chat sample."""
     if not isinstance(rec, dict):
@@ -96,13 +109,7 @@ def conversation_sample(rec: Any, media_root: Path) -> Sample:
 def convert_conversations(opts: Options, out: OutputDir, progress: Callable[[int], None]
                           ) -> Iterator[Item]:
     """``--format llava`` and ``--format sharegpt`` (a JSON array or JSONL)."""
-    media_root = opts.media_root or opts.input.parent
-    for i, rec in iter_json_records(opts.input, progress):
-        sid = _source_id(rec, f"{opts.input.name}:{i}")
-        if isinstance(rec, Skip):
-            yield Item(sid, rec)
-            continue
-        yield attempt(sid, conversation_sample, rec, media_root)
+    yield from record_items(opts, progress, lambda rec, i, root: conversation_sample(rec, root))
 
 
 # ------------------------------------------------------------------------------------ OpenAI
@@ -203,10 +210,5 @@ def openai_sample(rec: Any, out: OutputDir, media_root: Path, index: int) -> Sam
 def convert_openai(opts: Options, out: OutputDir, progress: Callable[[int], None]
                    ) -> Iterator[Item]:
     """``--format openai`` (JSONL or a JSON array of ``{"messages": [...]}``)."""
-    media_root = opts.media_root or opts.input.parent
-    for i, rec in iter_json_records(opts.input, progress):
-        sid = _source_id(rec, f"{opts.input.name}:{i}")
-        if isinstance(rec, Skip):
-            yield Item(sid, rec)
-            continue
-        yield attempt(sid, openai_sample, rec, out, media_root, i)
+    yield from record_items(opts, progress,
+                            lambda rec, i, root: openai_sample(rec, out, root, i))

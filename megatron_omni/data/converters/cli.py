@@ -42,7 +42,7 @@ CONVERTERS = {
     "dpo": convert_dpo,
 }
 DEFAULT_MODALITY = {"llava": "image", "sharegpt": "text", "openai": "text", "kaldi": "audio",
-                    "funasr": "audio", "webdataset": "image", "dpo": "text"}
+                    "funasr": "audio", "webdataset": "image", "dpo": "preference"}
 EXTRACTS_MEDIA = ("openai", "webdataset")
 """Formats whose media are written into the output folder (which is then the media root)."""
 TAKES_INSTRUCTION = ("kaldi", "funasr", "webdataset")

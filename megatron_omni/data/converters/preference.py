@@ -15,15 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from megatron_omni.data.converters.chat import _as_list, _source_id
+from megatron_omni.data.converters.chat import _as_list, record_items
 from megatron_omni.data.converters.common import (
     Item,
     Options,
     OutputDir,
     Sample,
     Skip,
-    attempt,
-    iter_json_records,
     map_role,
     media_reference,
 )
@@ -94,10 +92,4 @@ def dpo_sample(rec: Any, media_root: Path) -> Sample:
 
 def convert_dpo(opts: Options, out: OutputDir, progress: Callable[[int], None]
                 ) -> Iterator[Item]:
-    media_root = opts.media_root or opts.input.parent
-    for i, rec in iter_json_records(opts.input, progress):
-        sid = _source_id(rec, f"{opts.input.name}:{i}")
-        if isinstance(rec, Skip):
-            yield Item(sid, rec)
-            continue
-        yield attempt(sid, dpo_sample, rec, media_root)
+    yield from record_items(opts, progress, lambda rec, i, root: dpo_sample(rec, root))
