@@ -9,7 +9,9 @@ task encoder (:class:`OmniTaskEncoder`) plugged into its hooks::
       --select_samples_to_pack (packing hook)--> rows chosen from the stored token counts and
             media sizes by megatron_omni.data.packing (token + image + patch budgets)
       --pack_selected_samples (packing hook)--> decode the row's media (MediaProcessor: DALI or
-            CPU), template every sample, concatenate -> PackedRow
+            CPU), template every sample, concatenate -> PackedRow. With deferred decoding
+            (media/deferred.py) images/videos are only planned here and travel encoded in
+            ``batch["deferred_media"]``; the training process decodes them on its GPU
       --batch / encode_batch--> the batch dict (below)
 
 So packing never waits for decoding (DESIGN.md principle 4) and only the samples that made it
