@@ -20,8 +20,10 @@ Stages:
   fp8_vs_bf16      loss curves of a ~0.4B LLM trained in FP8 (hybrid) and in bf16
   llm_throughput   Llama-3.2-1B-shaped LLM: tokens/s and MFU of TE bf16, TE FP8, local bf16 and
                    transformers' LlamaForCausalLM (same weights, one run), peak memory vs plan.py
-  dali_decode      DALI decode (GPU: mixed) vs the CPU backend on JPEG/PNG/H.264/WAV/FLAC, and a
-                   real OmniLoaders run with worker processes
+  dali_decode      DALI decode (GPU: mixed) vs the CPU backend on JPEG/PNG/H.264/WAV/FLAC, a
+                   real OmniLoaders run with worker processes, and deferred decoding (images and
+                   videos decoded in this training process by DALI mixed on its GPU) vs decoding
+                   in the workers
 
 ``--dry-run`` runs every stage on the CPU with tiny shapes (gloo, local spec, DALI CPU operators):
 it exercises the code of each stage; a stage whose subject is a GPU property is then SKIP (or FAIL
@@ -749,9 +751,52 @@ def _loaders_with_workers(ctx: Ctx):
         rows = {m: [loaders.next(m) for _ in range(2)] for m in cfg.data.modalities}
         dt = time.perf_counter() - t
         n = sum(int(b["tokens"].numel()) for bs in rows.values() for b in bs)
-        return {"rows": sum(map(len, rows.values())), "tokens": n, "seconds": dt}
+        out = {"rows": sum(map(len, rows.values())), "tokens": n, "seconds": dt,
+               "workers_defer": loaders.defer_decoding}
+        out["deferred"] = _deferred_vs_worker(ctx, cfg, tokenizer)
+        if isinstance(out["deferred"], str):
+            return "FAIL: deferred decode: " + out["deferred"]
+        return out
     except Exception as e:
         return f"FAIL: {type(e).__name__}: {str(e)[:300]}"
+
+
+def _deferred_vs_worker(ctx: Ctx, cfg, tokenizer):
+    """Images/videos decoded in this (training) process -- DALI mixed on the GPU with
+    ``dali_gpu``; the CPU backend in the dry run -- vs decoded by the CPU backend in the loader
+    workers: same rows and grids, pixels within the dali_decode tolerance (mean 3.0 px)."""
+    import dataclasses
+
+    from megatron_omni.data.loaders import OmniLoaders
+    from megatron_omni.data.media.deferred import make_training_decoder
+
+    name = "dali_gpu" if ctx.cuda else "deferred"
+    res = {"media_backend": name}
+    for m in ("image", "video", "interleaved"):
+        mcfg = dataclasses.replace(cfg.data, modalities=[m])
+        ref = OmniLoaders(dataclasses.replace(mcfg, media_backend="cpu"), tokenizer)
+        dfr = OmniLoaders(dataclasses.replace(mcfg, media_backend=name), tokenizer)
+        dec = make_training_decoder(name, ctx.device)
+        res["decoder"] = dec.describe()
+        worst, t = 0.0, time.perf_counter()
+        for _ in range(2):
+            r = ref.next(m)
+            dec.submit(dfr.next(m))
+            d = dec.get()
+            for k in ("tokens", "loss_mask", "vision_grid_thw"):
+                if not ctx.torch.equal(r[k], d[k]):
+                    return f"{m}: {k} differs"
+            for k in ("image_pixel_values", "video_pixel_values", "vision_patches"):
+                a, b = r[k], d[k].cpu()
+                if a.shape != b.shape:
+                    return f"{m}: {k} shape {tuple(b.shape)} != {tuple(a.shape)}"
+                if a.numel():
+                    worst = max(worst, float((a - b).abs().mean()) * 255 * 0.2758)
+        dec.close()
+        res[m] = {"mean_px_diff": worst, "seconds": time.perf_counter() - t}
+        if worst > 3.0:
+            return f"{m}: mean pixel difference {worst:.2f} > 3.0"
+    return res
 
 
 STAGES = {

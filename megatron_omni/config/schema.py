@@ -340,7 +340,10 @@ class DataConfig:
     """Vision patches (14-px, before merging) allowed per packed row."""
 
     media_backend: str = "auto"
-    """Media decoding: 'dali', 'cpu' or 'auto' (DALI when importable)."""
+    """Media decoding. 'cpu' / 'dali' (DALI CPU operators): in the loader workers. 'dali_gpu':
+    images/videos travel encoded and are decoded in the training process by DALI on its GPU
+    (data/media/deferred.py); 'deferred': the same split with whatever that process has.
+    'auto': 'dali_gpu' when CUDA and DALI are both there, else worker decoding."""
 
     tokenizer: Optional[str] = None
     """Path of tokenizer.json or a SentencePiece model."""
@@ -363,8 +366,9 @@ class DataConfig:
         _check(self.shuffle_buffer_size >= 1, "data.shuffle_buffer_size must be >= 1")
         _check(self.micro_batch_size >= 1, "data.micro_batch_size must be >= 1")
         _check(0.0 <= self.pure_text_ratio < 1.0, "data.pure_text_ratio must be in [0, 1)")
-        _check(self.media_backend in ("auto", "dali", "cpu"),
-               f"data.media_backend must be auto|dali|cpu, got {self.media_backend!r}")
+        _check(self.media_backend in ("auto", "dali", "cpu", "dali_gpu", "deferred"),
+               f"data.media_backend must be auto|dali|cpu|dali_gpu|deferred, got "
+               f"{self.media_backend!r}")
         _check(len(self.modalities) > 0, "data.modalities must name at least one modality")
         known = {"text", "image", "video", "audio", "interleaved", "gen_audio", "gen_image"}
         bad = [m for m in self.modalities if m not in known]

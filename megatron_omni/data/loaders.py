@@ -9,7 +9,9 @@ task encoder (:class:`OmniTaskEncoder`) plugged into its hooks::
       --select_samples_to_pack (packing hook)--> rows chosen from the stored token counts and
             media sizes by megatron_omni.data.packing (token + image + patch budgets)
       --pack_selected_samples (packing hook)--> decode the row's media (MediaProcessor: DALI or
-            CPU), template every sample, concatenate -> PackedRow
+            CPU), template every sample, concatenate -> PackedRow. With deferred decoding
+            (media/deferred.py) images/videos are only planned here and travel encoded in
+            ``batch["deferred_media"]``; the training process decodes them on its GPU
       --batch / encode_batch--> the batch dict (below)
 
 So packing never waits for decoding (DESIGN.md principle 4) and only the samples that made it
@@ -94,6 +96,12 @@ from megatron.energon import (
 
 from megatron_omni.config.schema import DataConfig
 from megatron_omni.data.media import MediaError, MediaProcessor, select_backend
+from megatron_omni.data.media.deferred import (
+    DeferredMediaProcessor,
+    DeferredVisual,
+    defers_decoding,
+    worker_backend_name,
+)
 from megatron_omni.data.packing import (
     PackingConfig,
     PackingStats,
@@ -190,6 +198,8 @@ class PackedRow(Sample):
     audio_waveforms: list
     image_grids_per_sample: list
     video_grids_per_sample: list
+    #: Deferred decoding (``media/deferred.py``): the row's still-encoded images then videos.
+    deferred_media: list | None = None
 
 
 @stateless
@@ -286,7 +296,11 @@ class OmniTaskEncoder(TaskEncoder):
                 vis.append(pix[offsets[kind][i]:offsets[kind][i + 1]])
                 grids.append(g[i])
         width = rows[0].image_pixel_values.shape[1]
-        return {
+        deferred = {}
+        if any(r.deferred_media for r in rows):  # decoded later, by media.deferred.TrainingDecoder
+            deferred = {"deferred_media": [list(r.deferred_media or []) for r in rows],
+                        "vision_order": [list(r.vision_order) for r in rows]}
+        return {**deferred,
             "__restore_key__": (),
             "tokens": torch.stack([r.tokens for r in rows]),
             "labels": torch.stack([r.labels for r in rows]),
@@ -463,6 +477,11 @@ class OmniTaskEncoder(TaskEncoder):
                                     spatial_merge_size=self.processor.image_settings.merge_size)
         images = [v for e in enc for v in e["images"]]
         videos = [v for e in enc for v in e["videos"]]
+        deferred = [v for v in images + videos if isinstance(v, DeferredVisual)] or None
+        for e, a, b in zip(enc, cu, cu[1:]):
+            for v in e["images"] + e["videos"]:
+                if isinstance(v, DeferredVisual):
+                    v.span = (a, b)
         s = self.processor.image_settings
         width = 3 * s.temporal_patch_size * s.patch_size * s.patch_size
         return PackedRow(
@@ -485,6 +504,7 @@ class OmniTaskEncoder(TaskEncoder):
             audio_waveforms=[w for e in enc for w in e["audios"]],
             image_grids_per_sample=img_per,
             video_grids_per_sample=vid_per,
+            deferred_media=deferred,
         )
 
 
@@ -663,6 +683,8 @@ class OmniLoaders:
         self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
         self.error_handler = error_handler
         self._processor_factory = media_processor
+        #: Images/videos travel encoded and are decoded in the training process (media/deferred.py).
+        self.defer_decoding = defers_decoding(cfg.media_backend)
         self.packing = PackingConfig(seq_length=cfg.seq_length,
                                      max_images_per_row=cfg.max_images_per_row,
                                      max_patches_per_row=cfg.max_vision_patches_per_row)
@@ -705,7 +727,8 @@ class OmniLoaders:
         if self._processor_factory is not None:
             return self._processor_factory(meta)
         tmpl = template_config_from(meta["template"])
-        return MediaProcessor(loader_media_backend(self.cfg.media_backend),
+        cls = DeferredMediaProcessor if self.defer_decoding else MediaProcessor
+        return cls(loader_media_backend(worker_backend_name(self.cfg.media_backend)),
                               image=image_settings_from(meta["image"]),
                               video=video_settings_from(meta["video"]),
                               audio_tokens=tmpl.audio_tokens_per_clip)

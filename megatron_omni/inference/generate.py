@@ -735,6 +735,11 @@ def evaluate(model, tokenizer, data_cfg, *, modalities: Optional[Sequence[str]] 
     dcfg = dataclasses.replace(data_cfg, micro_batch_size=1, pure_text_ratio=0.0, num_workers=0,
                                modalities=list(modalities))
     loaders = OmniLoaders(dcfg, tokenizer, dp_rank=0, dp_size=1, modalities=[])
+    # With deferred decoding (data.media_backend dali_gpu/auto on a GPU) images/videos arrive
+    # encoded: decode them here, as the trainer's data source does.
+    from ..data.media.deferred import make_training_decoder
+
+    decoder = make_training_decoder(dcfg.media_backend) if loaders.defer_decoding else None
     gen = OmniGenerator.for_tokenizer(model, tokenizer, use_cache=True)
     header = _assistant_header(tokenizer)
     merge = model.cfg.model.vision.spatial_merge_size
@@ -749,6 +754,8 @@ def evaluate(model, tokenizer, data_cfg, *, modalities: Optional[Sequence[str]] 
         for batch in batches:
             if max_samples is not None and res.samples >= max_samples:
                 break
+            if decoder is not None:
+                batch = decoder.decode(batch)
             b = to_model_batch(batch)
             per_token = model(b["tokens"], b["position_ids"], labels=b["labels"],
                               packed_seq_params=packed_seq_params(b["cu_seqlens"]),

@@ -97,14 +97,33 @@ class EnergonData:
                                    dp_group=ps.get_data_parallel_group(),
                                    preference_modality=pref)
         self.skipped_total = 0
+        from ..data.media.deferred import make_training_decoder
+
+        # Images/videos decoded here, on this process's GPU, when the loaders defer them.
+        self.decoder = make_training_decoder(cfg.data.media_backend)  # logs which path runs
+
+    def _decoded(self, b: dict, modality: str | None = None) -> dict:
+        if self.decoder is None or "deferred_media" not in b:
+            return b
+        before = dict(b.get("skipped") or {})
+        self.decoder.submit(b)
+        b = self.decoder.get()
+        if modality is not None:  # decode-time skips join the loader's counts
+            for reason, n in b["skipped"].items():
+                self.loaders[modality].skipped[reason] += n - before.get(reason, 0)
+        return b
 
     def next(self, modality: str) -> dict:
         b = self.loaders.next(modality)
         self.skipped_total += sum((b.get("skipped") or {}).values())
+        if self.decoder is not None and "deferred_media" in b:
+            n0 = sum((b.get("skipped") or {}).values())
+            b = self._decoded(b, modality)
+            self.skipped_total += sum(b["skipped"].values()) - n0
         return b
 
     def val_batches(self, modality: str, n: int) -> list[dict]:
-        return list(self.loaders.val_loader(modality, limit=n))
+        return [self._decoded(b) for b in self.loaders.val_loader(modality, limit=n)]
 
     def save_state(self) -> dict:
         return {"loaders": self.loaders.save_state(), "skipped_total": self.skipped_total}

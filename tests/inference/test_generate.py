@@ -214,3 +214,21 @@ def test_cli_generates_with_image_and_audio(prepared, tmp_path, capsys):
                           "--max-new-tokens", "6", "--temperature", "1.3", "--seed", "3"])
              for _ in range(2)]
     assert again[0]["token_ids"] == again[1]["token_ids"]
+
+
+def test_eval_with_deferred_decoding_equals_worker_decoding(prepared, monkeypatch):
+    """data.media_backend=deferred (images decoded in this process, CPU backend here): evaluate
+    decodes the val batches itself and scores exactly what worker decoding scores."""
+    import dataclasses
+
+    from megatron_omni.data.tokenizer import load_tokenizer
+
+    cfg = G.generation_config(prepared["ckpt"], 1)
+    model = G.load_generation_model(prepared["ckpt"], cfg)
+    tok = load_tokenizer(cfg.data.tokenizer, speech_codebook_size=64)
+    monkeypatch.setattr(G.OmniGenerator, "generate", lambda self, prompt, params=None,
+                        keep_logits=False: G.GenerationOutput([], "eot", len(prompt)))
+    res = {b: G.evaluate(model, tok, dataclasses.replace(cfg.data, media_backend=b),
+                         modalities=["image"])["image"] for b in ("cpu", "deferred")}
+    assert res["cpu"].loss_tokens == res["deferred"].loss_tokens > 0
+    assert res["cpu"].loss_sum == res["deferred"].loss_sum
