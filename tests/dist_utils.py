@@ -57,3 +57,22 @@ def run_workers(script: str, world_size: int, args: list[str] = (), timeout: int
             for r, rc in failed)
         raise AssertionError(f"workers failed: {failed}\n{logs}")
     return json.loads(out.read_text())
+
+
+def tiny_run_overrides(data: dict, save, modalities: str, *extra, vision: bool = True,
+                       buffers: tuple[int, int] = (4, 4)) -> list[str]:
+    """Config overrides of a tiny omni training run on a prepared synthetic dataset
+    (``data``: ``vocab``, ``prepared``, ``tok``): 2 LLM layers, one-block ViT (or none), 2-block
+    SAN-M, 1024-token rows, CPU decoding, a log line every step, checkpoints to ``save``;
+    ``extra`` (lr, warm-up, steps, layout, ...) is appended."""
+    model = [f"model.llm.vocab_size={data['vocab']}", "model.speech_codebook_size=64",
+             "model.llm.num_layers=2", "model.llm.make_vocab_size_divisible_by=64"]
+    model += (["model.vision.depth=1", "model.vision.hidden_size=32", "model.vision.num_heads=2"]
+              if vision else ["model.vision.enabled=false"])
+    model += ["model.audio.hidden_size=32", "model.audio.num_heads=2",
+              "model.audio.ffn_hidden_size=64", "model.audio.num_blocks=2"]
+    return model + [
+        f"data.path={data['prepared']}", f"data.tokenizer={data['tok']}",
+        f"data.modalities={modalities}", "data.seq_length=1024", "data.media_backend=cpu",
+        f"data.packing_buffer_size={buffers[0]}", f"data.shuffle_buffer_size={buffers[1]}",
+        "training.log_interval=1", f"training.save={save}", *extra]

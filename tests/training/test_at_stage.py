@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from dist_utils import run_workers
+from dist_utils import run_workers, tiny_run_overrides
 
 from megatron_omni.data.preprocess import preprocess
 from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
@@ -36,17 +36,8 @@ def data(tmp_path_factory):
 
 
 def common(data, save, *extra):
-    return [
-        f"model.llm.vocab_size={data['vocab']}", "model.speech_codebook_size=64",
-        "model.llm.num_layers=2", "model.llm.make_vocab_size_divisible_by=64",
-        "model.vision.depth=1", "model.vision.hidden_size=32", "model.vision.num_heads=2",
-        "model.audio.hidden_size=32", "model.audio.num_heads=2",
-        "model.audio.ffn_hidden_size=64", "model.audio.num_blocks=2",
-        f"data.path={data['prepared']}", f"data.tokenizer={data['tok']}",
-        "data.modalities=[text,image]", "data.seq_length=1024", "data.media_backend=cpu",
-        "data.packing_buffer_size=4", "data.shuffle_buffer_size=4",
-        "training.lr=3e-3", "training.lr_warmup_iters=1", "training.log_interval=1",
-        f"training.save={save}", *extra]
+    return tiny_run_overrides(data, save, "[text,image]", "training.lr=3e-3",
+                              "training.lr_warmup_iters=1", *extra)
 
 
 def at(data, save, init, *extra):

@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from dist_utils import run_workers
+from dist_utils import run_workers, tiny_run_overrides
 
 from megatron_omni.data.preprocess import preprocess
 from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
@@ -41,16 +41,9 @@ def data(tmp_path_factory):
 
 
 def overrides(data, save, *extra):
-    return [
-        f"model.llm.vocab_size={data['vocab']}", "model.speech_codebook_size=64",
-        "model.llm.num_layers=2", "model.llm.make_vocab_size_divisible_by=64",
-        "model.vision.enabled=false", "model.audio.hidden_size=32", "model.audio.num_heads=2",
-        "model.audio.ffn_hidden_size=64", "model.audio.num_blocks=2",
-        f"data.path={data['prepared']}", f"data.tokenizer={data['tok']}",
-        "data.modalities=[text,audio]", "data.seq_length=1024", "data.media_backend=cpu",
-        "data.packing_buffer_size=3", "data.shuffle_buffer_size=2", "training.lr=1e-3",
-        "training.log_interval=1", f"training.train_iters={STEPS}", f"training.save={save}",
-        *extra]
+    return tiny_run_overrides(data, save, "[text,audio]", "training.lr=1e-3",
+                              f"training.train_iters={STEPS}", *extra, vision=False,
+                              buffers=(3, 2))
 
 
 def read_keys(keys_dir: Path) -> dict[int, dict]:
