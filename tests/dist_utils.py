@@ -76,3 +76,15 @@ def tiny_run_overrides(data: dict, save, modalities: str, *extra, vision: bool =
         f"data.modalities={modalities}", "data.seq_length=1024", "data.media_backend=cpu",
         f"data.packing_buffer_size={buffers[0]}", f"data.shuffle_buffer_size={buffers[1]}",
         "training.log_interval=1", f"training.save={save}", *extra]
+
+
+def finish_worker(out_path, results) -> None:
+    """Worker side of :func:`run_workers`: rank 0 writes ``results`` as the JSON result, then
+    the process groups are torn down."""
+    import torch
+
+    from megatron_omni.parallel import runtime
+
+    if torch.distributed.get_rank() == 0:
+        Path(out_path).write_text(json.dumps(results))
+    runtime.destroy()

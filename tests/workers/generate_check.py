@@ -9,7 +9,6 @@ decoded with and without KV cache. Rank 0 writes the results JSON; the test asse
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from megatron_omni.parallel.cpu_compat import import_megatron_fast
 
 import_megatron_fast()
 
+from dist_utils import finish_worker  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core import tensor_parallel  # noqa: E402
 
@@ -194,9 +194,7 @@ def main(out_path: str, tmp: str, save_layout: str) -> None:
     all_res = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(all_res, {k: res[k] for k in ("cached", "sample_a")})
     res["ranks_agree"] = all(r == all_res[0] for r in all_res)
-    if torch.distributed.get_rank() == 0:
-        Path(out_path).write_text(json.dumps(res))
-    runtime.destroy()
+    finish_worker(out_path, res)
 
 
 if __name__ == "__main__":

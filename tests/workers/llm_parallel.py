@@ -6,7 +6,6 @@ data-parallel share of the same packed micro-batches, and compares per-micro-bat
 (finalised) gradients against the reference. Rank 0 writes {check: max abs diff}.
 """
 
-import json
 import sys
 
 import torch
@@ -15,6 +14,7 @@ from megatron_omni.parallel.cpu_compat import import_megatron_fast
 
 import_megatron_fast()
 
+from dist_utils import finish_worker  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.distributed import (DistributedDataParallel,  # noqa: E402
                                        DistributedDataParallelConfig, finalize_model_grads)
@@ -178,10 +178,7 @@ def main(out_path):
     for name, ov in layouts.items():
         run_layout(name, ov, full, ref_losses, ref_grads, batches, results)
     hf_parity_tp2(results)
-    if torch.distributed.get_rank() == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
-    runtime.destroy()
+    finish_worker(out_path, results)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ megatron-core's schedule and DDP on its data-parallel share, and compares the DP
 SFT loss and the finalised adapter gradients. Rank 0 writes {layout: {metric: max abs diff}}.
 """
 
-import json
 import sys
 
 import torch
@@ -18,6 +17,7 @@ from megatron_omni.parallel.cpu_compat import import_megatron_fast
 
 import_megatron_fast()
 
+from dist_utils import finish_worker  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.distributed import (DistributedDataParallel,  # noqa: E402
                                        DistributedDataParallelConfig, finalize_model_grads)
@@ -157,10 +157,7 @@ def main(out_path):
     }
     for name, ov in layouts.items():
         run_layout(name, ov, full, ref, ref_grads, pref, instr, sp, results)
-    if torch.distributed.get_rank() == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
-    runtime.destroy()
+    finish_worker(out_path, results)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ image, video and audio samples, at TP=2, PP=2 (encoders on stage 0) and TP=2 wit
 parallelism, against a TP=PP=1 reference (same weights, plain autograd). Rank 0 writes
 {layout: {loss, grad, ...}}."""
 
-import json
 import sys
 
 import torch
@@ -12,6 +11,7 @@ from megatron_omni.parallel.cpu_compat import import_megatron_fast
 
 import_megatron_fast()
 
+from dist_utils import finish_worker  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.distributed import (DistributedDataParallel,  # noqa: E402
                                        DistributedDataParallelConfig, finalize_model_grads)
@@ -102,10 +102,7 @@ def main(out_path):
                          "losses_compared": sum(x[2] for x in gathered),
                          "encoder_params_checked": sum(x[3] for x in gathered),
                          "expected_compared": len(batches) * tp}
-    if torch.distributed.get_rank() == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
-    runtime.destroy()
+    finish_worker(out_path, results)
 
 
 if __name__ == "__main__":

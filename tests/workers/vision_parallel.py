@@ -8,7 +8,6 @@ runs the same batch and compares features, the input gradient and every paramete
 the matching shard of the reference gradient. Rank 0 writes {check: value}.
 """
 
-import json
 import sys
 
 import numpy as np
@@ -18,6 +17,7 @@ from megatron_omni.parallel.cpu_compat import import_megatron_fast
 
 import_megatron_fast()
 
+from dist_utils import finish_worker  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.transformer.transformer_block import get_num_layers_to_build  # noqa: E402
 
@@ -142,10 +142,7 @@ def main(out_path):
     compare("pp2_vpp2", build_vision_encoder(cfg), batch, full, ref, results,
             expect_sharded=False)
 
-    if torch.distributed.get_rank() == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
-    runtime.destroy()
+    finish_worker(out_path, results)
 
 
 if __name__ == "__main__":
