@@ -2,20 +2,13 @@
 value ranges, YAML syntax errors and duplicate keys, and the data-side checks (data path,
 per-modality datasets and splits, vocabulary vs tokenizer, seq_length vs stored token counts)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from tiny_data import corpus_texts, prepare_tiny_dataset
 
 from megatron_omni.config import ConfigError, load_config
 from megatron_omni.config.validate_data import validate_data
-from megatron_omni.data.preprocess import preprocess
 from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-from make_synthetic_dataset import corpus_texts, make_synthetic_dataset  # noqa: E402
 
 
 @pytest.mark.parametrize("override,name", [
@@ -49,17 +42,13 @@ def test_yaml_syntax_error_and_duplicate_key(tmp_path):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    base = tmp_path_factory.mktemp("settings")
-    raw = base / "raw"
-    make_synthetic_dataset(raw, num_per_modality=5, seed=2, num_val_per_modality=2)
-    tok = train_tiny_tokenizer(corpus_texts(raw), 400, base / "tokenizer.json")
-    inputs = {"text": {"train": raw / "text.jsonl", "val": raw / "text_val.jsonl"},
-              "audio": {"train": raw / "audio.jsonl"}}  # audio: no val split
-    preprocess(inputs, base / "out", load_tokenizer(tok, speech_codebook_size=64), workers=1,
-               progress=False)
-    other = train_tiny_tokenizer(corpus_texts(raw)[:20], 300, base / "other.json")
-    return {"out": base / "out", "tok": tok, "other": other,
-            "vocab": load_tokenizer(tok, speech_codebook_size=64).vocab_size}
+    # audio has no val split (dynamic balance must refuse it)
+    d = prepare_tiny_dataset(tmp_path_factory.mktemp("settings"), 5, seed=2,
+                             num_val_per_modality=2, out_name="out",
+                             splits={"text": ("train", "val"), "audio": ("train",)})
+    d["out"] = d["prepared"]
+    d["other"] = train_tiny_tokenizer(corpus_texts(d["raw"])[:20], 300, d["base"] / "other.json")
+    return d
 
 
 def _cfg(p, *extra):

@@ -4,35 +4,20 @@ checkpoint at TP=2 and at PP=2; exact resume inside AT; only the adapters change
 merges them into weights whose logits equal the adapted model's."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from dist_utils import run_workers, tiny_run_overrides
-
-from megatron_omni.data.preprocess import preprocess
-from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-from make_synthetic_dataset import corpus_texts, make_synthetic_dataset  # noqa: E402
+from tiny_data import prepare_tiny_dataset
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    base = tmp_path_factory.mktemp("at")
-    raw = base / "raw"
-    make_synthetic_dataset(raw, num_per_modality=10, seed=4, num_val_per_modality=5,
-                           preference=True)
-    tok = train_tiny_tokenizer(corpus_texts(raw), 400, base / "tokenizer.json")
-    tokenizer = load_tokenizer(tok, speech_codebook_size=64)
-    inputs = {m: {"train": raw / f"{m}.jsonl", "val": raw / f"{m}_val.jsonl"}
-              for m in ("text", "image", "preference")}
-    preprocess(inputs, base / "prepared", tokenizer, media_root=raw, workers=1, progress=False)
-    return {"base": base, "prepared": base / "prepared", "tok": tok,
-            "vocab": tokenizer.vocab_size}
+    return prepare_tiny_dataset(
+        tmp_path_factory.mktemp("at"), 10, seed=4, num_val_per_modality=5, preference=True,
+        splits={m: ("train", "val") for m in ("text", "image", "preference")}, media_root=True)
 
 
 def common(data, save, *extra):

@@ -5,20 +5,14 @@ refused with what to do instead of silently restarting the data stream (DP2 -> D
 unless training.on_dp_change=restart_data accepts the restart."""
 
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 from dist_utils import run_workers, tiny_run_overrides
+from tiny_data import prepare_tiny_dataset
 
-from megatron_omni.data.preprocess import preprocess
-from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
 from megatron_omni.training.ckpt_integrity import verify_checkpoint
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-from make_synthetic_dataset import make_synthetic_dataset  # noqa: E402
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -26,18 +20,10 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from make_synthetic_dataset import corpus_texts
-
-    base = tmp_path_factory.mktemp("dp")
-    raw = base / "raw"
-    make_synthetic_dataset(raw, num_per_modality=8, seed=7, num_val_per_modality=2)
-    tok = train_tiny_tokenizer(corpus_texts(raw), 400, base / "tokenizer.json")
-    tokenizer = load_tokenizer(tok, speech_codebook_size=64)
-    inputs = {m: {"train": raw / f"{m}.jsonl"} for m in ("text", "audio")}
-    report = preprocess(inputs, base / "prepared", tokenizer, workers=1, progress=False)
-    train_keys = {m: report.stats[m]["train"].written for m in inputs}
-    return {"prepared": base / "prepared", "tok": tok, "vocab": tokenizer.vocab_size,
-            "written": train_keys}
+    d = prepare_tiny_dataset(tmp_path_factory.mktemp("dp"), 8, seed=7, num_val_per_modality=2,
+                             splits={"text": ("train",), "audio": ("train",)})
+    d["written"] = {m: d["report"].stats[m]["train"].written for m in ("text", "audio")}
+    return d
 
 
 def overrides(data, save, *extra):

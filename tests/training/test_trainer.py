@@ -4,18 +4,11 @@ stage chaining with frozen parts."""
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 from dist_utils import run_workers, tiny_run_overrides
-
-from megatron_omni.data.preprocess import preprocess
-from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-from make_synthetic_dataset import make_synthetic_dataset  # noqa: E402
+from tiny_data import prepare_tiny_dataset
 
 pytestmark = pytest.mark.slow
 MODALITIES = "[text,image,audio]"
@@ -23,16 +16,8 @@ MODALITIES = "[text,image,audio]"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from make_synthetic_dataset import corpus_texts
-
-    base = tmp_path_factory.mktemp("trainer")
-    raw = base / "raw"
-    make_synthetic_dataset(raw, num_per_modality=12, seed=3, num_val_per_modality=4)
-    tok = train_tiny_tokenizer(corpus_texts(raw), 400, base / "tokenizer.json")
-    tokenizer = load_tokenizer(tok, speech_codebook_size=64)
-    preprocess(raw, base / "prepared", tokenizer, workers=1, progress=False)
-    return {"base": base, "prepared": base / "prepared", "tok": tok,
-            "vocab": tokenizer.vocab_size}
+    return prepare_tiny_dataset(tmp_path_factory.mktemp("trainer"), 12, seed=3,
+                                num_val_per_modality=4)
 
 
 def overrides(data, save, *extra):
