@@ -288,33 +288,33 @@ def iter_json_records(path: Path, progress: Callable[[int], None]
             yield from enumerate(_iter_json_array(f, path.name, progress, head))
             return
         f.seek(0)
-        i = 0
-        for raw in f:
-            progress(len(raw))
-            if i == 0 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if not raw.strip():
-                continue
+        for i, (_, raw) in enumerate(_nonblank_lines(f, progress)):
             try:
                 yield i, json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
                 yield i, Skip("bad_utf8", str(e))
             except ValueError as e:
                 yield i, Skip("bad_json", str(e))
-            i += 1
+
+
+def _nonblank_lines(f, progress: Callable[[int], None] | None
+                    ) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw line)`` of a binary file, a leading UTF-8 BOM dropped, blank lines
+    passed over; ``progress`` gets every line's byte count."""
+    for n, raw in enumerate(f):
+        if progress is not None:
+            progress(len(raw))
+        if n == 0 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        if raw.strip():
+            yield n, raw
 
 
 def iter_text_lines(path: Path, progress: Callable[[int], None] | None = None
                     ) -> Iterator[tuple[int, str | Skip]]:
     """``(line number, text)`` of a UTF-8 text file without line ends (blank lines skipped)."""
     with open(path, "rb") as f:
-        for i, raw in enumerate(f):
-            if progress is not None:
-                progress(len(raw))
-            if i == 0 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if not raw.strip():
-                continue
+        for i, raw in _nonblank_lines(f, progress):
             try:
                 yield i, raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
