@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test venv bench clean gpu-check
+.PHONY: demo test lint venv bench clean gpu-check
 
 GPU_CHECK_OUT ?= gpu_check_report.json
 
@@ -33,6 +33,10 @@ test: $(VENV)/.installed
 PY_GPU ?= python3
 gpu-check:
 	$(PY_GPU) tools/gpu_check.py --out $(GPU_CHECK_OUT)
+
+# Lint + import order + line length 100 (pyproject.toml [tool.ruff]); CI runs it before the tests.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_llm.py

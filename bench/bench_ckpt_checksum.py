@@ -63,13 +63,13 @@ def bench_save(repeat: int) -> None:
     from megatron_omni.parallel.cpu_compat import import_megatron_fast
 
     import_megatron_fast()
+    import socket
+
     from megatron_omni.config import ParallelConfig, load_config
     from megatron_omni.models.omni import build_omni_chunks
     from megatron_omni.parallel import runtime
     from megatron_omni.training import checkpoint as ckpt
     from megatron_omni.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
-
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -53,16 +53,21 @@ def main():
         preprocess(base / "raw", base / "prep", tok, workers=1, progress=False)
         cfg = DataConfig(path=str(base / "prep"), seq_length=1024, packing_buffer_size=6,
                          shuffle_buffer_size=4, seed=3, num_workers=0)
-        print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}, "
-              f"torch {torch.__version__}; {a.rows} rows x best of {a.repeat}")
-        print(f"{'modality':12s} {'worker cpu decode':>18s} {'worker deferred':>16s} "
-              f"{'ratio':>6s} {'train-proc decode':>18s}")
+        print(
+            f"# {platform.processor() or platform.machine()}, python {platform.python_version()}, "
+            f"torch {torch.__version__}; {a.rows} rows x best of {a.repeat}"
+        )
+        print(
+            f"{'modality':12s} {'worker cpu decode':>18s} {'worker deferred':>16s} "
+            f"{'ratio':>6s} {'train-proc decode':>18s}"
+        )
         for m in MODALITIES:
             best = {"cpu": float("inf"), "deferred": float("inf"), "decode": float("inf")}
             for _ in range(a.repeat):
                 for mode in ("cpu", "deferred"):
-                    L = OmniLoaders(dataclasses.replace(cfg, modalities=[m], media_backend=mode),
-                                    tok)
+                    L = OmniLoaders(
+                        dataclasses.replace(cfg, modalities=[m], media_backend=mode), tok
+                    )
                     L.next(m)  # warm-up: shard open, first packing buffer
                     t = time.perf_counter()
                     raws = [L.next(m) for _ in range(a.rows)]
@@ -74,8 +79,10 @@ def main():
                 best["decode"] = min(best["decode"], time.perf_counter() - t)
                 dec.close()
             rps = {k: a.rows / v for k, v in best.items()}
-            print(f"{m:12s} {rps['cpu']:14.1f} r/s {rps['deferred']:12.1f} r/s "
-                  f"{rps['deferred'] / rps['cpu']:5.2f}x {rps['decode']:14.1f} r/s")
+            print(
+                f"{m:12s} {rps['cpu']:14.1f} r/s {rps['deferred']:12.1f} r/s "
+                f"{rps['deferred'] / rps['cpu']:5.2f}x {rps['decode']:14.1f} r/s"
+            )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,13 @@ def make_media(root: Path, n_images: int, n_audio: int, n_videos: int) -> dict[s
     import soundfile as sf
     from PIL import Image
 
-    out: dict[str, list[Path]] = {"image": [], "audio": [], "video_mjpeg": [], "video_vp9": [], "video_h264": []}
+    out: dict[str, list[Path]] = {
+        "image": [],
+        "audio": [],
+        "video_mjpeg": [],
+        "video_vp9": [],
+        "video_h264": [],
+    }
     for i in range(n_images):
         h, w = (480, 640) if i % 2 == 0 else (720, 960)
         p = root / f"img{i}.jpg"
@@ -54,11 +60,16 @@ def make_media(root: Path, n_images: int, n_audio: int, n_videos: int) -> dict[s
     t = np.arange(44100 * 10) / 44100
     for i in range(n_audio):
         p = root / f"clip{i}.wav"
-        x = np.stack([0.4 * np.sin(2 * np.pi * (300 + 50 * i) * t), 0.2 * np.sin(2 * np.pi * 1100 * t)], 1)
+        x = np.stack(
+            [0.4 * np.sin(2 * np.pi * (300 + 50 * i) * t), 0.2 * np.sin(2 * np.pi * 1100 * t)], 1
+        )
         sf.write(p, x, 44100, subtype="PCM_16")
         out["audio"].append(p)
-    for kind, codec, ext, pix in [("video_mjpeg", "mjpeg", "avi", "yuvj420p"), ("video_vp9", "libvpx-vp9", "webm", "yuv420p"),
-                                  ("video_h264", "libx264", "mp4", "yuv420p")]:
+    for kind, codec, ext, pix in [
+        ("video_mjpeg", "mjpeg", "avi", "yuvj420p"),
+        ("video_vp9", "libvpx-vp9", "webm", "yuv420p"),
+        ("video_h264", "libx264", "mp4", "yuv420p"),
+    ]:
         for i in range(n_videos):
             p = root / f"{kind}{i}.{ext}"
             with av.open(str(p), "w") as c:
@@ -67,7 +78,9 @@ def make_media(root: Path, n_images: int, n_audio: int, n_videos: int) -> dict[s
                 if codec == "libvpx-vp9":
                     s.options = {"deadline": "realtime", "cpu-used": "8"}
                 for k in range(60):  # 6 s at 10 fps -> 12 frames sampled at 2 fps
-                    for pkt in s.encode(av.VideoFrame.from_ndarray(_pixels(240, 320, 0.2 * k, k), "rgb24")):
+                    for pkt in s.encode(
+                        av.VideoFrame.from_ndarray(_pixels(240, 320, 0.2 * k, k), "rgb24")
+                    ):
                         c.mux(pkt)
                 for pkt in s.encode():
                     c.mux(pkt)
@@ -82,18 +95,23 @@ def _ok(results):
     return results
 
 
-def workloads(proc: MediaProcessor, media: dict[str, list[Path]], batch: int) -> dict[str, tuple[int, object]]:
+def workloads(
+    proc: MediaProcessor, media: dict[str, list[Path]], batch: int
+) -> dict[str, tuple[int, object]]:
     """name -> (samples per call, zero-argument callable doing the work)."""
     be = proc.backend
 
     def chunks(items):
-        return [(i, items[i:i + batch]) for i in range(0, len(items), batch)]
+        return [(i, items[i : i + batch]) for i in range(0, len(items), batch)]
 
     imgs, aud = media["image"], media["audio"]
     sizes = [proc.image_size(p) for p in imgs]
     w = {
         "image decode": (len(imgs), lambda: [_ok(be.decode_images(b)) for _, b in chunks(imgs)]),
-        "image decode+resize": (len(imgs), lambda: [_ok(be.decode_images(b, sizes[i:i + batch])) for i, b in chunks(imgs)]),
+        "image decode+resize": (
+            len(imgs),
+            lambda: [_ok(be.decode_images(b, sizes[i : i + batch])) for i, b in chunks(imgs)],
+        ),
         "image processor": (len(imgs), lambda: [_ok(proc.images(b)) for _, b in chunks(imgs)]),
         "audio decode": (len(aud), lambda: [_ok(be.decode_audios(b)) for _, b in chunks(aud)]),
         "audio processor": (len(aud), lambda: [_ok(proc.audios(b)) for _, b in chunks(aud)]),
@@ -101,13 +119,19 @@ def workloads(proc: MediaProcessor, media: dict[str, list[Path]], batch: int) ->
     for kind in ("video_mjpeg", "video_vp9", "video_h264"):
         vids = media[kind]
         plans = [proc.video_plan(p) for p in vids]
-        w[f"{kind[6:]} decode"] = (len(vids), lambda v=vids, pl=plans: _ok(
-            be.decode_videos(v, [p.indices for p in pl], None, [p.info for p in pl])))
+        w[f"{kind[6:]} decode"] = (
+            len(vids),
+            lambda v=vids, pl=plans: _ok(
+                be.decode_videos(v, [p.indices for p in pl], None, [p.info for p in pl])
+            ),
+        )
         w[f"{kind[6:]} processor"] = (len(vids), lambda v=vids: _ok(proc.videos(v)))
     return w
 
 
-def run_interleaved(procs: dict[str, MediaProcessor], media, repeat: int, batch: int) -> dict[str, dict[str, float]]:
+def run_interleaved(
+    procs: dict[str, MediaProcessor], media, repeat: int, batch: int
+) -> dict[str, dict[str, float]]:
     """Best-of-``repeat`` samples/s per backend and workload. Backends alternate pass by pass so
     load from other processes on a shared box hits them alike; one warm-up pass each first."""
     works = {name: workloads(p, media, batch) for name, p in procs.items()}
@@ -142,8 +166,11 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         media = make_media(Path(tmp), args.images, args.audio, args.videos)
-        print(f"generated {args.images} JPEG (640x480 / 960x720), {args.audio} WAV (10 s, 44.1 kHz stereo), "
-              f"{args.videos} each MJPEG/VP9/H.264 (6 s, 320x240, 10 fps) in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"generated {args.images} JPEG (640x480 / 960x720), {args.audio} WAV (10 s, "
+            f"44.1 kHz stereo), {args.videos} each MJPEG/VP9/H.264 (6 s, 320x240, 10 fps) in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
         procs = {}
         for name in names:
             if name == "cpu":
@@ -155,8 +182,10 @@ def main(argv=None) -> None:
         results = run_interleaved(procs, media, args.repeat, args.batch)
 
     cpu_count = os.cpu_count()
-    print(f"\nhost: {platform.processor() or platform.machine()}, {cpu_count} CPUs visible, "
-          f"threads={args.threads}, batch={args.batch}, best of {args.repeat}")
+    print(
+        f"\nhost: {platform.processor() or platform.machine()}, {cpu_count} CPUs visible, "
+        f"threads={args.threads}, batch={args.batch}, best of {args.repeat}"
+    )
     header = f"{'workload':<24}" + "".join(f"{n + ' samples/s':>18}" for n in names)
     if {"cpu", "dali"} <= set(names):
         header += f"{'dali/cpu':>10}"

@@ -91,8 +91,12 @@ def main(argv=None) -> int:
                 cfg = PackingConfig(S, mi, mp, truncate_text=True, strategy=strat)
                 r = run(samples, cfg, a.buffer_size)
                 naive_rows = naive_rows or r["rows"]
-                print(f"{S:>5} {budget:<18} {strat:<20} {r['rows']:>6} {r['eff']:>7.2%} {r['bound']:>7.2%} "
-                      f"{r['rows'] / naive_rows:>10.3f} {r['sps']:>10,.0f}  {r['skipped']} / {r['truncated']}")
+                print(
+                    f"{S:>5} {budget:<18} {strat:<20} {r['rows']:>6} {r['eff']:>7.2%} "
+                    f"{r['bound']:>7.2%} "
+                    f"{r['rows'] / naive_rows:>10.3f} {r['sps']:>10,.0f}  {r['skipped']} / "
+                    f"{r['truncated']}"
+                )
     return 0
 
 

@@ -74,10 +74,18 @@ from typing import Iterable, Optional, Sequence
 from .config.loader import load_config
 from .config.schema import ConfigError, OmniConfig
 from .config.validate import llm_layers_per_stage, padded_vocab_size, validate
-from .training.flops import (PEAK_FLOPS, ForwardFlops, audio_llm_tokens,
-                             llm_forward_flops, omni_row_flops, projector_forward_flops,
-                             sanm_forward_flops, training_passes, vision_llm_tokens,
-                             vit_forward_flops)
+from .training.flops import (
+    PEAK_FLOPS,
+    ForwardFlops,
+    audio_llm_tokens,
+    llm_forward_flops,
+    omni_row_flops,
+    projector_forward_flops,
+    sanm_forward_flops,
+    training_passes,
+    vision_llm_tokens,
+    vit_forward_flops,
+)
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2

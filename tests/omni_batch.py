@@ -34,15 +34,20 @@ def omni_batch(cfg, seed: int = 0, vision: bool = True, audio: bool = True, pad_
         return torch.randint(0, base, (n,), generator=g).tolist()
 
     samples, images, videos, patches, grids, waves, names = [], [], [], [], [], [], []
-    samples.append(text(12)); names.append("text0")
+    samples.append(text(12))
+    names.append("text0")
     if vision:
         img = (1, 4, 4)
         samples.append([sp.image_start] + [sp.image_patch] * 4 + [sp.image_end] + text(6))
-        images.append(img); grids.append(img); names.append("image0")
+        images.append(img)
+        grids.append(img)
+        names.append("image0")
         vid = (2, 4, 6)
         samples.append(text(3) + [sp.video_start] + [sp.video_patch] * 12 + [sp.video_end]
                        + text(4))
-        videos.append(vid); grids.append(vid); names.append("video0")
+        videos.append(vid)
+        grids.append(vid)
+        names.append("video0")
         n = sum(math.prod(x) for x in grids)
         patches = torch.randn(n, 3 * 2 * 14 * 14, generator=g)
     if audio:
@@ -57,7 +62,9 @@ def omni_batch(cfg, seed: int = 0, vision: bool = True, audio: bool = True, pad_
     total = sum(lens)
     pad = (-total) % pad_to
     if pad:
-        samples.append([0] * pad); lens.append(pad); names.append("pad")
+        samples.append([0] * pad)
+        lens.append(pad)
+        names.append("pad")
     tokens = torch.tensor(sum(samples, []))[None]
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
     # Next-token labels inside each sample; the last position of a sample has no target.

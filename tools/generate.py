@@ -94,11 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _init_distributed(tp: int | None):
     """torch.distributed + megatron-core groups at (TP, PP=1); reuses an initialised state."""
     import torch
+    from megatron.core import parallel_state as ps
 
     from megatron_omni.config.schema import ConfigError, ParallelConfig
     from megatron_omni.parallel import runtime
-
-    from megatron.core import parallel_state as ps
 
     if torch.distributed.is_initialized() and ps.model_parallel_is_initialized():
         world = torch.distributed.get_world_size()

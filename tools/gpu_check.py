@@ -61,6 +61,11 @@ PINS = {
     "cudnn": (">=", "9.0"),
     "nccl": (">=", "2.21"),
 }
+
+
+def _wanted(pin: tuple) -> str:
+    """A pin as pip would write it: ("range", lo, hi) -> ">=lo,<hi"; ("==", v) -> "==v"."""
+    return f">={pin[1]},<{pin[2]}" if pin[0] == "range" else pin[0] + pin[1]
 """What megatron-core 0.16.1 supports (its ``dev`` extra pins transformer-engine >=2.9,<2.12;
 torch >= 2.6) and what this project is tested with."""
 
@@ -68,10 +73,11 @@ WHEELS = """\
 Runs on a machine with only a CUDA PyTorch (Python 3.12, no package registry): stages whose
 dependencies are missing are SKIP. To run them all, bring these wheels (pip download on a
 machine with a registry, then `pip install --no-index --find-links DIR ...`):
-  pure Python (any platform):  megatron-core==0.16.1 (needs numpy, packaging), megatron-energon==7.4.1
-                               (+ its deps: webdataset, braceexpand, pyyaml, s3fs/multi-storage-client
-                               optional), transformers (+ tokenizers, safetensors, huggingface-hub,
-                               regex), tokenizers, sentencepiece, pyyaml, tensorboard, einops
+  pure Python (any platform):  megatron-core==0.16.1 (needs numpy, packaging),
+                               megatron-energon==7.4.1 (+ its deps: webdataset, braceexpand,
+                               pyyaml, s3fs/multi-storage-client optional), transformers
+                               (+ tokenizers, safetensors, huggingface-hub, regex), tokenizers,
+                               sentencepiece, pyyaml, tensorboard, einops
   binary (manylinux x86_64, cp312): nvidia-dali-cuda120 (CUDA 12) or nvidia-dali-cuda130 (CUDA 13),
                                av (PyAV, H.264 encode/decode), soundfile, Pillow, numpy
   Transformer Engine: transformer-engine[pytorch]>=2.9,<2.12 built for the machine's torch/CUDA
@@ -114,13 +120,14 @@ def pin_ok(version, pin) -> bool:
         return False
     v = _vtuple(str(version))
     if pin[0] == "==":
-        return v[:len(_vtuple(pin[1]))] == _vtuple(pin[1])
+        return v[: len(_vtuple(pin[1]))] == _vtuple(pin[1])
     if pin[0] == ">=":
         return v >= _vtuple(pin[1])
     return _vtuple(pin[1]) <= v < _vtuple(pin[2])
 
 
 # --------------------------------------------------------------------------------------- context
+
 
 class Ctx:
     def __init__(self, dry_run: bool, budget: float, workdir: Path):
@@ -167,8 +174,9 @@ def ensure_runtime():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        runtime.initialize(ParallelConfig(), seed=1234,
-                           env=runtime.DistEnv(0, 1, 0, "127.0.0.1", port, "single"))
+        runtime.initialize(
+            ParallelConfig(), seed=1234, env=runtime.DistEnv(0, 1, 0, "127.0.0.1", port, "single")
+        )
 
 
 def rel_err(a, b) -> float:
@@ -181,19 +189,34 @@ def tiny_cfg(*extra, gpu: bool, vision=True, audio=True):
 
     from megatron_omni.config import load_config
 
-    size = ["model.llm.num_layers=4", "model.llm.hidden_size=256", "model.llm.ffn_hidden_size=704",
-            "model.llm.num_attention_heads=4", "model.llm.num_query_groups=2"] if gpu else []
-    return load_config(None, TINY_OMNI + size + [f"model.vision.enabled={str(vision).lower()}",
-                                                 f"model.audio.enabled={str(audio).lower()}",
-                                                 *extra])
+    size = (
+        [
+            "model.llm.num_layers=4",
+            "model.llm.hidden_size=256",
+            "model.llm.ffn_hidden_size=704",
+            "model.llm.num_attention_heads=4",
+            "model.llm.num_query_groups=2",
+        ]
+        if gpu
+        else []
+    )
+    return load_config(
+        None,
+        TINY_OMNI
+        + size
+        + [
+            f"model.vision.enabled={str(vision).lower()}",
+            f"model.audio.enabled={str(audio).lower()}",
+            *extra,
+        ],
+    )
 
 
 def packed_row(cfg, device, seed=0, **kw):
     from omni_batch import omni_batch
 
-    from megatron_omni.training.trainer import to_model_batch
-
     from megatron_omni.parallel.device import declared_device
+    from megatron_omni.training.trainer import to_model_batch
 
     with declared_device(device):
         return to_model_batch(omni_batch(cfg, seed=seed, **kw))
@@ -208,25 +231,47 @@ def llm_loss_and_grads(model, b):
     mask = b["loss_mask"].float()
     loss = (per_tok.float() * mask).sum() / mask.sum()
     loss.backward()
-    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
-             if p.grad is not None}
+    grads = {
+        n: p.grad.detach().float().clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
     return float(loss), grads, per_tok.detach().float()
 
 
 # ---------------------------------------------------------------------------------------- stages
 
+
 def stage_probe(ctx: Ctx) -> dict:
     torch = ctx.torch
-    v = {"python": platform.python_version(), "torch": torch.__version__,
-         "cuda": torch.version.cuda,
-         "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None,
-         "nccl": None, "gpu": None}
+    v = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": str(torch.backends.cudnn.version())
+        if torch.backends.cudnn.is_available()
+        else None,
+        "nccl": None,
+        "gpu": None,
+    }
     if torch.cuda.is_available():
         v["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        v["gpu"] = f"{torch.cuda.get_device_name(0)} (sm_{''.join(map(str, torch.cuda.get_device_capability(0)))})"
-    for dist in ("transformer-engine", "transformer_engine", "megatron-core", "megatron-energon",
-                 "nvidia-dali-cuda120", "nvidia-dali-cuda130", "transformers", "av", "soundfile",
-                 "flash-attn"):
+        v["gpu"] = (
+            f"{torch.cuda.get_device_name(0)} "
+            f"(sm_{''.join(map(str, torch.cuda.get_device_capability(0)))})"
+        )
+    for dist in (
+        "transformer-engine",
+        "transformer_engine",
+        "megatron-core",
+        "megatron-energon",
+        "nvidia-dali-cuda120",
+        "nvidia-dali-cuda130",
+        "transformers",
+        "av",
+        "soundfile",
+        "flash-attn",
+    ):
         v[dist] = version_of(dist)
     te = v["transformer-engine"] or v["transformer_engine"]
     if te is None:
@@ -234,19 +279,30 @@ def stage_probe(ctx: Ctx) -> dict:
             import transformer_engine
 
             te = getattr(transformer_engine, "__version__", None)
-    found = {"megatron-core": v["megatron-core"], "transformer-engine": te,
-             "megatron-energon": v["megatron-energon"], "torch": torch.__version__,
-             "cudnn": v["cudnn"] and f"{int(v['cudnn']) // 10000}.{int(v['cudnn']) // 100 % 100}",
-             "nccl": v["nccl"]}
-    mismatches = [f"{k}: have {found[k]}, want {' '.join(PINS[k][1:]) if PINS[k][0] == 'range' else PINS[k][0] + PINS[k][1]}"
-                  .replace("want 2.9 2.12", "want >=2.9,<2.12")
-                  for k in PINS if not pin_ok(found[k], PINS[k])]
+    found = {
+        "megatron-core": v["megatron-core"],
+        "transformer-engine": te,
+        "megatron-energon": v["megatron-energon"],
+        "torch": torch.__version__,
+        "cudnn": v["cudnn"] and f"{int(v['cudnn']) // 10000}.{int(v['cudnn']) // 100 % 100}",
+        "nccl": v["nccl"],
+    }
+    mismatches = [
+        f"{k}: have {found[k]}, want {_wanted(PINS[k])}"
+        for k in PINS
+        if not pin_ok(found[k], PINS[k])
+    ]
     cuda_major = (v["cuda"] or "").split(".")[0]
     dali_major = "12" if v["nvidia-dali-cuda120"] else "13" if v["nvidia-dali-cuda130"] else None
     if cuda_major and dali_major and cuda_major != dali_major:
         mismatches.append(f"DALI wheel for CUDA {dali_major}, torch built for CUDA {cuda_major}")
-    return {"status": "PASS", "versions": v, "base_image": BASE_IMAGE,
-            "pins_match": not mismatches, "mismatches": mismatches}
+    return {
+        "status": "PASS",
+        "versions": v,
+        "base_image": BASE_IMAGE,
+        "pins_match": not mismatches,
+        "mismatches": mismatches,
+    }
 
 
 def stage_nccl(ctx: Ctx) -> dict:
@@ -263,8 +319,12 @@ def stage_nccl(ctx: Ctx) -> dict:
     counts = global_token_counts({"image": [b]}, special_token_ids(cfg))
     t = torch.ones(3, device=comm_device())
     torch.distributed.all_reduce(t)
-    out = {"backend": backend, "cpu_shims_applied": cpu_compat.shims_applied(),
-           "comm_device": str(comm_device()), "token_count": counts["image"]}
+    out = {
+        "backend": backend,
+        "cpu_shims_applied": cpu_compat.shims_applied(),
+        "comm_device": str(comm_device()),
+        "token_count": counts["image"],
+    }
     ok = counts["image"] > 0 and float(t.sum()) == 3.0
     if ctx.dry:
         return ctx.gpu_only(dict(out, status="SKIP" if ok else "FAIL"), "gloo collectives")
@@ -287,15 +347,21 @@ def stage_llm_te_vs_local(ctx: Ctx) -> dict:
     ref_cfg = tiny_cfg(*base, gpu=ctx.cuda, vision=False, audio=False)
     b = packed_row(tiny_cfg(gpu=ctx.cuda), ctx.device, seed=3)
     ref = _build_llm(ref_cfg, ctx.device)
-    full = {k: v.detach().clone() for k, v in ref.state_dict().items()
-            if not k.endswith("_extra_state")}
+    full = {
+        k: v.detach().clone() for k, v in ref.state_dict().items() if not k.endswith("_extra_state")
+    }
     ref_loss, ref_grads, _ = llm_loss_and_grads(ref, b)
     out = {"ref_loss_fp32": ref_loss}
     impls = ["local"] + (["transformer_engine"] if ctx.te() else [])
     errs = {}
     for impl in impls:
-        cfg = tiny_cfg(f"model.transformer_impl={impl}", "training.bf16=true", gpu=ctx.cuda,
-                       vision=False, audio=False)
+        cfg = tiny_cfg(
+            f"model.transformer_impl={impl}",
+            "training.bf16=true",
+            gpu=ctx.cuda,
+            vision=False,
+            audio=False,
+        )
         m = _build_llm(cfg, ctx.device)
         load_full_llm_state(m, full)
         loss, grads, _ = llm_loss_and_grads(m, b)
@@ -303,13 +369,18 @@ def stage_llm_te_vs_local(ctx: Ctx) -> dict:
         shared = [k for k in ref_grads if k in grads]
         gerr = max(rel_err(grads[k], ref_grads[k]) for k in shared)
         errs[impl] = (abs(loss - ref_loss) / abs(ref_loss), gerr)
-        out[f"{impl}_bf16"] = {"loss": loss, "loss_rel_err": errs[impl][0],
-                               "max_grad_rel_err": gerr, "params_compared": len(shared)}
+        out[f"{impl}_bf16"] = {
+            "loss": loss,
+            "loss_rel_err": errs[impl][0],
+            "max_grad_rel_err": gerr,
+            "params_compared": len(shared),
+        }
     local_ok = errs["local"][0] < 2e-2 and errs["local"][1] < 0.15
     if "transformer_engine" not in errs:
         if ctx.dry:
-            return ctx.gpu_only(dict(out, status="SKIP" if local_ok else "FAIL"),
-                                "local bf16 vs fp32 reference")
+            return ctx.gpu_only(
+                dict(out, status="SKIP" if local_ok else "FAIL"), "local bf16 vs fp32 reference"
+            )
         return dict(out, status="SKIP", reason="Transformer Engine not importable")
     te_loss, te_grad = errs["transformer_engine"]
     ok = local_ok and te_loss < 2e-2 and te_grad < max(2 * errs["local"][1], 0.05)
@@ -321,8 +392,9 @@ def stage_thd_packed(ctx: Ctx) -> dict:
     torch = ctx.torch
     impl = "transformer_engine" if ctx.te() else "local"
     dtype = ["training.bf16=true"] if impl == "transformer_engine" else []
-    cfg = tiny_cfg(f"model.transformer_impl={impl}", *dtype, gpu=ctx.cuda, vision=False,
-                   audio=False)
+    cfg = tiny_cfg(
+        f"model.transformer_impl={impl}", *dtype, gpu=ctx.cuda, vision=False, audio=False
+    )
     m = _build_llm(cfg, ctx.device)
     b = packed_row(tiny_cfg(gpu=ctx.cuda), ctx.device, seed=4)
     _, _, packed = llm_loss_and_grads(m, b)
@@ -330,13 +402,18 @@ def stage_thd_packed(ctx: Ctx) -> dict:
     worst = 0.0
     with torch.no_grad():
         for s, e in zip(cu[:-1], cu[1:]):
-            alone = m(b["tokens"][:, s:e], b["position_ids"][:, :, s:e],
-                      labels=b["labels"][:, s:e]).float()
+            alone = m(
+                b["tokens"][:, s:e], b["position_ids"][:, :, s:e], labels=b["labels"][:, s:e]
+            ).float()
             worst = max(worst, float((alone - packed[:, s:e]).abs().max()))
     tol = 5e-2 if dtype else 1e-4
-    out = {"impl": impl, "attention_path": "te" if dtype else
-           ("flex" if ctx.cuda else "per-segment SDPA"), "samples": len(cu) - 1,
-           "max_abs_diff_per_token_loss": worst, "tolerance": tol}
+    out = {
+        "impl": impl,
+        "attention_path": "te" if dtype else ("flex" if ctx.cuda else "per-segment SDPA"),
+        "samples": len(cu) - 1,
+        "max_abs_diff_per_token_loss": worst,
+        "tolerance": tol,
+    }
     ok = worst < tol
     if ctx.cuda and impl == "local":
         # The compiled flex kernel's gradients vs the exact per-segment path.
@@ -345,8 +422,9 @@ def stage_thd_packed(ctx: Ctx) -> dict:
             os.environ["OMNI_THD_ATTENTION"] = path
             grads[path] = llm_loss_and_grads(m, b)[1]
         os.environ.pop("OMNI_THD_ATTENTION", None)
-        out["flex_vs_loop_max_grad_rel_err"] = max(rel_err(grads["flex"][k], grads["loop"][k])
-                                                   for k in grads["loop"])
+        out["flex_vs_loop_max_grad_rel_err"] = max(
+            rel_err(grads["flex"][k], grads["loop"][k]) for k in grads["loop"]
+        )
         ok = ok and out["flex_vs_loop_max_grad_rel_err"] < 1e-3
     if ctx.dry:
         return ctx.gpu_only(dict(out, status="SKIP" if ok else "FAIL"), "per-segment path")
@@ -363,13 +441,15 @@ def stage_vit_te_vs_local(ctx: Ctx) -> dict:
 
     def build(impl, bf16):
         cfg = tiny_cfg(f"training.bf16={str(bf16).lower()}", gpu=ctx.cuda, audio=False)
-        return VisionEncoder(cfg, config=vision_transformer_config(cfg),
-                             transformer_impl=impl).to(ctx.device)
+        return VisionEncoder(cfg, config=vision_transformer_config(cfg), transformer_impl=impl).to(
+            ctx.device
+        )
 
     torch.manual_seed(0)
     ref = build("local", False)
-    full = {k: v.detach().clone() for k, v in ref.state_dict().items()
-            if not k.endswith("_extra_state")}
+    full = {
+        k: v.detach().clone() for k, v in ref.state_dict().items() if not k.endswith("_extra_state")
+    }
     patches = torch.randn(n, ref.patch_dim, device=ctx.device)
     with torch.no_grad():
         want = ref(patches, grids)
@@ -397,10 +477,16 @@ def _train(ctx: Ctx, *extra, steps=3):
 
     from megatron_omni.training.trainer import Trainer
 
-    cfg = tiny_cfg("data.modalities=[audio,image,text]", f"training.train_iters={steps}",
-                   "training.num_micro_batches=2", "training.lr=2e-3",
-                   "training.lr_warmup_iters=0", "training.log_interval=1000", *extra,
-                   gpu=ctx.cuda)
+    cfg = tiny_cfg(
+        "data.modalities=[audio,image,text]",
+        f"training.train_iters={steps}",
+        "training.num_micro_batches=2",
+        "training.lr=2e-3",
+        "training.lr_warmup_iters=0",
+        "training.log_interval=1000",
+        *extra,
+        gpu=ctx.cuda,
+    )
     torch.manual_seed(7)
     tensor_parallel.model_parallel_cuda_manual_seed(7)
     from omni_batch import MemoryData
@@ -412,7 +498,6 @@ def _train(ctx: Ctx, *extra, steps=3):
 
 
 def stage_omni_trainer(ctx: Ctx) -> dict:
-    torch = ctx.torch
     from megatron_omni.parallel.device import off_device
 
     out = {}
@@ -424,20 +509,37 @@ def stage_omni_trainer(ctx: Ctx) -> dict:
     plain, t = _train(ctx, "training.bf16=true", frozen, steps=n)
     out["placed_on_device"] = not off_device(t.chunks[0], ctx.device)
     out["bf16_losses"] = plain.loss_history
-    ovl, _ = _train(ctx, "training.bf16=true", "training.use_distributed_optimizer=true",
-                    "training.overlap_grad_reduce=true", frozen, steps=n)
+    ovl, _ = _train(
+        ctx,
+        "training.bf16=true",
+        "training.use_distributed_optimizer=true",
+        "training.overlap_grad_reduce=true",
+        frozen,
+        steps=n,
+    )
     out["distopt_overlap_losses"] = ovl.loss_history
-    gap = max(abs(a[k] - b[k]) / abs(a[k]) for a, b in zip(plain.loss_history, ovl.loss_history)
-              for k in a)
+    gap = max(
+        abs(a[k] - b[k]) / abs(a[k])
+        for a, b in zip(plain.loss_history, ovl.loss_history)
+        for k in a
+    )
     out["distopt_overlap_max_rel_gap"] = gap
     ok = out["placed_on_device"] and plain.nan_steps == 0 and gap < 2e-2
     if ctx.fp8():
-        fp8, _ = _train(ctx, "training.bf16=true", "training.fp8=hybrid",
-                        "training.use_distributed_optimizer=true",
-                        "model.transformer_impl=transformer_engine", steps=n)
+        fp8, _ = _train(
+            ctx,
+            "training.bf16=true",
+            "training.fp8=hybrid",
+            "training.use_distributed_optimizer=true",
+            "model.transformer_impl=transformer_engine",
+            steps=n,
+        )
         out["fp8_losses"] = fp8.loss_history
-        ok = ok and fp8.nan_steps == 0 and all(math.isfinite(v) for r in fp8.loss_history
-                                                 for v in r.values())
+        ok = (
+            ok
+            and fp8.nan_steps == 0
+            and all(math.isfinite(v) for r in fp8.loss_history for v in r.values())
+        )
     else:
         out["fp8"] = "SKIP: needs Transformer Engine on an FP8 GPU (sm_89+)"
     # bf16 with the fp32 SAN-M trainable: mixed-dtype parameters, both optimizers.
@@ -446,17 +548,27 @@ def stage_omni_trainer(ctx: Ctx) -> dict:
     for name, dist in (("resume_distopt", "training.use_distributed_optimizer=true"),):
         with tempfile.TemporaryDirectory(dir=ctx.workdir) as d:
             full, _ = _train(ctx, "training.bf16=true", dist, f"training.save={d}/a", steps=n + 1)
-            _train(ctx, "training.bf16=true", dist, f"training.save={d}/b",
-                   "training.exit_interval=2", steps=n + 1)
-            resumed, _ = _train(ctx, "training.bf16=true", dist, f"training.save={d}/b",
-                                steps=n + 1)
-        rgap = max(abs(a[k] - b[k]) for a, b in zip(full.loss_history[2:],
-                                                     resumed.loss_history) for k in a)
+            _train(
+                ctx,
+                "training.bf16=true",
+                dist,
+                f"training.save={d}/b",
+                "training.exit_interval=2",
+                steps=n + 1,
+            )
+            resumed, _ = _train(
+                ctx, "training.bf16=true", dist, f"training.save={d}/b", steps=n + 1
+            )
+        rgap = max(
+            abs(a[k] - b[k]) for a, b in zip(full.loss_history[2:], resumed.loss_history) for k in a
+        )
         out[name] = {"steps_after_resume": resumed.steps_done, "max_abs_gap": rgap}
         ok = ok and resumed.steps_done == n - 1 and rgap < 1e-6
     if ctx.dry:
-        return ctx.gpu_only(dict(out, status="SKIP" if ok else "FAIL"),
-                            "bf16 trainer, distributed optimizer + overlap, save + resume")
+        return ctx.gpu_only(
+            dict(out, status="SKIP" if ok else "FAIL"),
+            "bf16 trainer, distributed optimizer + overlap, save + resume",
+        )
     return dict(out, status="PASS" if ok else "FAIL")
 
 
@@ -466,7 +578,7 @@ def _lm_data(torch, vocab, seq, steps, device, seed=0):
     rows = []
     for _ in range(steps):
         motif = torch.randint(0, vocab, (16,), generator=g)
-        ids = motif.repeat(seq // 16 + 1)[:seq + 1]
+        ids = motif.repeat(seq // 16 + 1)[: seq + 1]
         rows.append((ids[:-1][None].to(device), ids[1:][None].to(device)))
     return rows
 
@@ -475,9 +587,14 @@ def stage_fp8_vs_bf16(ctx: Ctx) -> dict:
     ensure_runtime()
     torch = ctx.torch
     if ctx.fp8():
-        shape = ["model.llm.num_layers=12", "model.llm.hidden_size=1536",
-                 "model.llm.ffn_hidden_size=4096", "model.llm.num_attention_heads=16",
-                 "model.llm.num_query_groups=4", "model.llm.vocab_size=32000"]
+        shape = [
+            "model.llm.num_layers=12",
+            "model.llm.hidden_size=1536",
+            "model.llm.ffn_hidden_size=4096",
+            "model.llm.num_attention_heads=16",
+            "model.llm.num_query_groups=4",
+            "model.llm.vocab_size=32000",
+        ]
         seq, steps, impl = 2048, 40, "transformer_engine"
     else:
         shape, seq, steps, impl = [], 64, 3, "local"
@@ -485,8 +602,15 @@ def stage_fp8_vs_bf16(ctx: Ctx) -> dict:
     for name, extra in (("bf16", []), ("fp8", ["training.fp8=hybrid"])):
         if name == "fp8" and not ctx.fp8():
             continue
-        cfg = tiny_cfg(f"model.transformer_impl={impl}", "training.bf16=true", *shape, *extra,
-                       gpu=ctx.cuda, vision=False, audio=False)
+        cfg = tiny_cfg(
+            f"model.transformer_impl={impl}",
+            "training.bf16=true",
+            *shape,
+            *extra,
+            gpu=ctx.cuda,
+            vision=False,
+            audio=False,
+        )
         torch.manual_seed(0)
         from megatron.core import tensor_parallel
 
@@ -498,8 +622,9 @@ def stage_fp8_vs_bf16(ctx: Ctx) -> dict:
         losses = []
         from megatron_omni.models.omni import special_token_ids
 
-        for ids, labels in _lm_data(torch, special_token_ids(cfg).base_vocab_size, seq, steps,
-                                    ctx.device):
+        for ids, labels in _lm_data(
+            torch, special_token_ids(cfg).base_vocab_size, seq, steps, ctx.device
+        ):
             opt.zero_grad(set_to_none=True)
             loss = m(ids, pos, labels=labels).float().mean()
             loss.backward()
@@ -528,20 +653,39 @@ def stage_llm_throughput(ctx: Ctx) -> dict:
     from megatron_omni.training.flops import llm_flops, mfu, peak_flops
 
     if ctx.cuda:
-        dims = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8)
+        dims = dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+        )
         seq, iters = 4096, 5
     else:
-        dims = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2)
+        dims = dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
         seq, iters = 128, 1
-    hf_cfg = transformers.LlamaConfig(**dims, max_position_embeddings=131072,
-                                      tie_word_embeddings=True, attn_implementation="sdpa",
-                                      rope_parameters={"rope_type": "llama3",
-                                                       "rope_theta": 500000.0, "factor": 32.0,
-                                                       "low_freq_factor": 1.0,
-                                                       "high_freq_factor": 4.0,
-                                                       "original_max_position_embeddings": 8192})
+    hf_cfg = transformers.LlamaConfig(
+        **dims,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(hf_cfg).to(torch.bfloat16)
     llm = llm_config_from_hf(hf_cfg.to_dict())
@@ -574,8 +718,16 @@ def stage_llm_throughput(ctx: Ctx) -> dict:
         if ctx.fp8():
             variants.insert(1, ("te_fp8", "transformer_engine", ["training.fp8=hybrid"]))
     for name, impl, extra in variants:
-        cfg = load_config(None, ["model.vision.enabled=false", "model.audio.enabled=false",
-                                 f"model.transformer_impl={impl}", "training.bf16=true", *extra])
+        cfg = load_config(
+            None,
+            [
+                "model.vision.enabled=false",
+                "model.audio.enabled=false",
+                f"model.transformer_impl={impl}",
+                "training.bf16=true",
+                *extra,
+            ],
+        )
         cfg.model.llm = llm
         m = _build_llm(cfg, ctx.device)
         load_full_llm_state(m, full)
@@ -585,8 +737,11 @@ def stage_llm_throughput(ctx: Ctx) -> dict:
             m(ids, pos, labels=ids).float().mean().backward()
 
         dt, peak = timed(step)
-        out[name] = {"tokens_per_s": seq / dt, "peak_bytes": peak,
-                     "mfu": mfu(flops, dt, 1, peak_flops(gpu, "fp8" if extra else "bf16"))}
+        out[name] = {
+            "tokens_per_s": seq / dt,
+            "peak_bytes": peak,
+            "mfu": mfu(flops, dt, 1, peak_flops(gpu, "fp8" if extra else "bf16")),
+        }
         del m
         if ctx.cuda:
             torch.cuda.empty_cache()
@@ -603,8 +758,9 @@ def stage_llm_throughput(ctx: Ctx) -> dict:
     try:
         from megatron_omni.plan import Layout, Workload, plan
 
-        pcfg = load_config(None, ["model.vision.enabled=false", "model.audio.enabled=false",
-                                  "training.bf16=true"])
+        pcfg = load_config(
+            None, ["model.vision.enabled=false", "model.audio.enabled=false", "training.bf16=true"]
+        )
         pcfg.model.llm = llm
         p = plan(pcfg, Layout(), Workload(seq_length=seq), gpu=gpu, precision="bf16")
         out["plan_peak_bytes"] = p.peak_bytes
@@ -616,8 +772,11 @@ def stage_llm_throughput(ctx: Ctx) -> dict:
     if ctx.dry:
         return ctx.gpu_only(dict(out, status="SKIP"), "timing code on a tiny LLM")
     if not ctx.te():
-        return dict(out, status="SKIP", reason="Transformer Engine not importable (local and "
-                                               "transformers measured)")
+        return dict(
+            out,
+            status="SKIP",
+            reason="Transformer Engine not importable (local and transformers measured)",
+        )
     return dict(out, status="PASS")
 
 
@@ -698,12 +857,19 @@ def stage_dali_decode(ctx: Ctx) -> dict:
                 tb = time.perf_counter() - t
                 if isinstance(a, Exception) or isinstance(b, Exception):
                     raise a if isinstance(a, Exception) else b
-                a, b = (np.asarray(x[0] if isinstance(x, tuple) else x, dtype=np.float64)
-                        for x in (a, b))
+                a, b = (
+                    np.asarray(x[0] if isinstance(x, tuple) else x, dtype=np.float64)
+                    for x in (a, b)
+                )
                 diff = float(np.abs(a - b).mean()) if a.shape == b.shape else float("inf")
                 tol = {"png": 0.0, "wav": 1e-6, "flac": 1e-6}.get(kind, 3.0)
-                out[kind] = {"shape": list(a.shape), "mean_abs_diff": diff, "tolerance": tol,
-                             "dali_s": ta, "cpu_s": tb}
+                out[kind] = {
+                    "shape": list(a.shape),
+                    "mean_abs_diff": diff,
+                    "tolerance": tol,
+                    "dali_s": ta,
+                    "cpu_s": tb,
+                }
                 if diff > tol:
                     bad.append(kind)
             except Exception as e:
@@ -714,8 +880,9 @@ def stage_dali_decode(ctx: Ctx) -> dict:
         bad.append("loaders")
     out["failed"] = bad
     if ctx.dry:
-        return ctx.gpu_only(dict(out, status="FAIL" if bad else "SKIP"),
-                            "DALI CPU operators vs the CPU backend")
+        return ctx.gpu_only(
+            dict(out, status="FAIL" if bad else "SKIP"), "DALI CPU operators vs the CPU backend"
+        )
     return dict(out, status="FAIL" if bad else "PASS")
 
 
@@ -740,19 +907,32 @@ def _loaders_with_workers(ctx: Ctx):
         tok = train_tiny_tokenizer(corpus_texts(base / "raw"), 400, base / "tok.json")
         tokenizer = load_tokenizer(tok, speech_codebook_size=64)
         preprocess(base / "raw", base / "prep", tokenizer, workers=1, progress=False)
-        cfg = load_config(None, [f"data.path={base / 'prep'}", f"data.tokenizer={tok}",
-                                 "data.modalities=[text,image,audio]", "data.seq_length=1024",
-                                 "data.num_workers=2", "data.media_backend=auto",
-                                 "data.packing_buffer_size=4", "data.shuffle_buffer_size=4",
-                                 f"model.llm.vocab_size={tokenizer.vocab_size}",
-                                 "model.speech_codebook_size=64"])
+        cfg = load_config(
+            None,
+            [
+                f"data.path={base / 'prep'}",
+                f"data.tokenizer={tok}",
+                "data.modalities=[text,image,audio]",
+                "data.seq_length=1024",
+                "data.num_workers=2",
+                "data.media_backend=auto",
+                "data.packing_buffer_size=4",
+                "data.shuffle_buffer_size=4",
+                f"model.llm.vocab_size={tokenizer.vocab_size}",
+                "model.speech_codebook_size=64",
+            ],
+        )
         loaders = OmniLoaders(cfg.data, tokenizer)
         t = time.perf_counter()
         rows = {m: [loaders.next(m) for _ in range(2)] for m in cfg.data.modalities}
         dt = time.perf_counter() - t
         n = sum(int(b["tokens"].numel()) for bs in rows.values() for b in bs)
-        out = {"rows": sum(map(len, rows.values())), "tokens": n, "seconds": dt,
-               "workers_defer": loaders.defer_decoding}
+        out = {
+            "rows": sum(map(len, rows.values())),
+            "tokens": n,
+            "seconds": dt,
+            "workers_defer": loaders.defer_decoding,
+        }
         out["deferred"] = _deferred_vs_worker(ctx, cfg, tokenizer)
         if isinstance(out["deferred"], str):
             return "FAIL: deferred decode: " + out["deferred"]
@@ -818,10 +998,15 @@ def run(stages, dry_run: bool, budget: float, out_path: Path) -> dict:
     torch.set_num_threads(min(4, os.cpu_count() or 1)) if dry_run else None
     workdir = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     ctx = Ctx(dry_run, budget, workdir)
-    report = {"stages": {}, "meta": {"dry_run": ctx.dry, "host": platform.node(),
-                                     "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                                     "device": torch.cuda.get_device_name(0) if ctx.cuda
-                                     else "cpu"}}
+    report = {
+        "stages": {},
+        "meta": {
+            "dry_run": ctx.dry,
+            "host": platform.node(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "device": torch.cuda.get_device_name(0) if ctx.cuda else "cpu",
+        },
+    }
     for name in stages:
         t = time.perf_counter()
         if t - ctx.t0 > budget:
@@ -832,12 +1017,16 @@ def run(stages, dry_run: bool, budget: float, out_path: Path) -> dict:
             except Skip as e:
                 res = {"status": "SKIP", "reason": str(e)}
             except Exception as e:
-                res = {"status": "FAIL", "error": f"{type(e).__name__}: {e}",
-                       "traceback": traceback.format_exc()[-3000:]}
+                res = {
+                    "status": "FAIL",
+                    "error": f"{type(e).__name__}: {e}",
+                    "traceback": traceback.format_exc()[-3000:],
+                }
         res["seconds"] = round(time.perf_counter() - t, 2)
         report["stages"][name] = res
-        print(f"  {name:<17} {res['status']:<5} {res['seconds']:7.1f} s  {_summary(res)}",
-              flush=True)
+        print(
+            f"  {name:<17} {res['status']:<5} {res['seconds']:7.1f} s  {_summary(res)}", flush=True
+        )
     report["meta"]["seconds"] = round(time.perf_counter() - ctx.t0, 1)
     out_path.write_text(json.dumps(report, indent=1, default=str))
     with contextlib.suppress(Exception):
@@ -857,16 +1046,28 @@ def _summary(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, epilog=WHEELS,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.environ.get("GPU_CHECK_OUT", "gpu_check_report.json"),
-                   help="JSON report path (make gpu-check GPU_CHECK_OUT=FILE)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="run every stage on the CPU with tiny shapes (the test suite does)")
-    p.add_argument("--stages", default=",".join(STAGES),
-                   help="comma-separated subset of: " + ",".join(STAGES))
-    p.add_argument("--budget", type=float, default=450.0,
-                   help="seconds; stages that would start later are SKIP (default 450)")
+    p = argparse.ArgumentParser(
+        description=__doc__, epilog=WHEELS, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--out",
+        default=os.environ.get("GPU_CHECK_OUT", "gpu_check_report.json"),
+        help="JSON report path (make gpu-check GPU_CHECK_OUT=FILE)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run every stage on the CPU with tiny shapes (the test suite does)",
+    )
+    p.add_argument(
+        "--stages", default=",".join(STAGES), help="comma-separated subset of: " + ",".join(STAGES)
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=450.0,
+        help="seconds; stages that would start later are SKIP (default 450)",
+    )
     args = p.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
     unknown = [s for s in stages if s not in STAGES]
@@ -875,10 +1076,14 @@ def main(argv=None) -> int:
     print(f"gpu_check ({'dry run, CPU' if args.dry_run else 'GPU'}) -> {args.out}")
     print(f"  {'stage':<17} {'status':<5} {'time':>9}  figures")
     report = run(stages, args.dry_run, args.budget, Path(args.out))
-    counts = {s: sum(r["status"] == s for r in report["stages"].values())
-              for s in ("PASS", "FAIL", "SKIP")}
-    print(f"gpu_check: {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP "
-          f"in {report['meta']['seconds']} s; report {args.out}")
+    counts = {
+        s: sum(r["status"] == s for r in report["stages"].values())
+        for s in ("PASS", "FAIL", "SKIP")
+    }
+    print(
+        f"gpu_check: {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP "
+        f"in {report['meta']['seconds']} s; report {args.out}"
+    )
     return 1 if counts["FAIL"] else 0
 
 

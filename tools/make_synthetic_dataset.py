@@ -217,7 +217,8 @@ def _beeps(rng: random.Random, pitch: str, count: int) -> tuple[np.ndarray, int]
         spans = [(rng.uniform(0.1, 0.25), rng.uniform(0.55, 0.8))]
     else:
         a = rng.uniform(0.05, 0.12)
-        spans = [(a, a + rng.uniform(0.22, 0.3)), (rng.uniform(0.58, 0.62), rng.uniform(0.85, 0.95))]
+        spans = [(a, a + rng.uniform(0.22, 0.3)),
+                 (rng.uniform(0.58, 0.62), rng.uniform(0.85, 0.95))]
     fade = max(1, int(0.005 * sr))
     for s0, s1 in spans:
         i0, i1 = int(s0 * n), int(s1 * n)
@@ -266,8 +267,13 @@ def _video_lines(wr: _Writer, rng: random.Random, n: int) -> list[dict]:
             task = "video_caption"
         else:
             msgs, task = _conv("<video>\nWhich way does the shape move?", direction), "video_qa"
-        meta = {"shape": shape, "color": color, "direction": direction,
-                "num_frames": len(frames), "fps": VIDEO_FPS}
+        meta = {
+            "shape": shape,
+            "color": color,
+            "direction": direction,
+            "num_frames": len(frames),
+            "fps": VIDEO_FPS,
+        }
         out.append({"messages": msgs, "videos": [rel], "task": task, "meta": meta})
     return out
 
@@ -286,13 +292,21 @@ def _audio_lines(wr: _Writer, rng: random.Random, n: int) -> list[dict]:
         if kind == 0:
             msgs, task = _conv("<audio>\nDescribe the sound.", desc), "audio_caption"
         elif kind == 1:
-            msgs, task = _conv("<audio>\nHow many beeps are there?", NUMBER_WORDS[count]), "audio_qa"
+            msgs, task = (
+                _conv("<audio>\nHow many beeps are there?", NUMBER_WORDS[count]),
+                "audio_qa",
+            )
         elif kind == 2:
             msgs, task = _conv("<audio>\nIs the tone low, mid or high?", pitch), "audio_qa"
         else:
             msgs, task = _conv("<audio>\nDescribe the sound.", desc, speech=True), "audio_qa_speech"
-        meta = {"pitch": pitch, "frequency_hz": PITCHES[pitch], "beeps": count, "sample_rate": sr,
-                "duration_s": round(len(x) / sr, 4)}
+        meta = {
+            "pitch": pitch,
+            "frequency_hz": PITCHES[pitch],
+            "beeps": count,
+            "sample_rate": sr,
+            "duration_s": round(len(x) / sr, 4),
+        }
         out.append({"messages": msgs, "audios": [rel], "task": task, "meta": meta})
     return out
 
@@ -357,9 +371,9 @@ def _preference_lines(wr: _Writer, rng: random.Random, n: int) -> list[dict]:
     colour for a shape question, a pitch word for a direction question, a direction for a pitch
     question, yes/no for "which image" and an image for "same shape?", a word for a sum), kinds
     balanced so that no answer word is simply penalised: a preference the tiny demo model learns
-    from a few dozen pairs and carries over to held-out pairs. (A wrong answer of the same kind, e.g. the wrong colour, asks the model to
-    read the media better than instruction tuning already taught it: more data than the demo
-    trains on.)"""
+    from a few dozen pairs and carries over to held-out pairs. (A wrong answer of the same kind,
+    e.g. the wrong colour, asks the model to read the media better
+    than instruction tuning already taught it: more data than the demo trains on.)"""
     out = []
     for i in range(n):
         kind = i % 5
@@ -370,8 +384,14 @@ def _preference_lines(wr: _Writer, rng: random.Random, n: int) -> list[dict]:
                 q, good, bad = "What colour is the shape?", color, rng.choice(SHAPES)
             else:
                 q, good, bad = "What shape is this?", shape, rng.choice(list(COLORS))
-            rec = {"prompt": f"<image>\n{q}", "chosen": good, "rejected": bad, "images": [rel],
-                   "task": "image_pref", "meta": {"shape": shape, "color": color}}
+            rec = {
+                "prompt": f"<image>\n{q}",
+                "chosen": good,
+                "rejected": bad,
+                "images": [rel],
+                "task": "image_pref",
+                "meta": {"shape": shape, "color": color},
+            }
         elif kind == 1:
             shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
             direction = rng.choice(DIRECTIONS)
@@ -379,9 +399,14 @@ def _preference_lines(wr: _Writer, rng: random.Random, n: int) -> list[dict]:
             rel = wr.name("videos", "avi")
             _write_video(wr.root / rel, frames, True)
             wrong = rng.choice(list(PITCHES))
-            rec = {"prompt": "<video>\nWhich way does the shape move?", "chosen": direction,
-                   "rejected": wrong, "videos": [rel], "task": "video_pref",
-                   "meta": {"direction": direction}}
+            rec = {
+                "prompt": "<video>\nWhich way does the shape move?",
+                "chosen": direction,
+                "rejected": wrong,
+                "videos": [rel],
+                "task": "video_pref",
+                "meta": {"direction": direction},
+            }
         elif kind == 2:
             import soundfile as sf
 
@@ -390,9 +415,14 @@ def _preference_lines(wr: _Writer, rng: random.Random, n: int) -> list[dict]:
             rel = wr.name("audios", "wav")
             sf.write(str(wr.root / rel), x, sr, subtype="PCM_16", format="WAV")
             wrong = rng.choice(DIRECTIONS)
-            rec = {"prompt": "<audio>\nIs the tone low, mid or high?", "chosen": pitch,
-                   "rejected": wrong, "audios": [rel], "task": "audio_pref",
-                   "meta": {"pitch": pitch, "beeps": count}}
+            rec = {
+                "prompt": "<audio>\nIs the tone low, mid or high?",
+                "chosen": pitch,
+                "rejected": wrong,
+                "audios": [rel],
+                "task": "audio_pref",
+                "meta": {"pitch": pitch, "beeps": count},
+            }
         elif kind == 3:
             c1, c2 = rng.sample(list(COLORS), 2)
             s1, s2 = rng.choice(SHAPES), rng.choice(SHAPES)
@@ -406,14 +436,23 @@ def _preference_lines(wr: _Writer, rng: random.Random, n: int) -> list[dict]:
                 q = "Do both images show the same shape?"
                 good = "yes" if s1 == s2 else "no"
                 bad = rng.choice(("the first image", "the second image"))
-            rec = {"prompt": f"Image 1: <image>\nImage 2: <image>\n{q}", "chosen": good,
-                   "rejected": bad, "images": rels, "task": "interleaved_pref",
-                   "meta": {"colors": [c1, c2], "shapes": [s1, s2]}}
+            rec = {
+                "prompt": f"Image 1: <image>\nImage 2: <image>\n{q}",
+                "chosen": good,
+                "rejected": bad,
+                "images": rels,
+                "task": "interleaved_pref",
+                "meta": {"colors": [c1, c2], "shapes": [s1, s2]},
+            }
         else:
             a, b = rng.randint(0, 49), rng.randint(0, 49)
-            rec = {"prompt": f"What is {a} + {b}?", "chosen": str(a + b),
-                   "rejected": rng.choice(WORDS),
-                   "task": "text_pref", "meta": {"a": a, "b": b}}
+            rec = {
+                "prompt": f"What is {a} + {b}?",
+                "chosen": str(a + b),
+                "rejected": rng.choice(WORDS),
+                "task": "text_pref",
+                "meta": {"a": a, "b": b},
+            }
         out.append(rec)
     return out
 
@@ -454,28 +493,81 @@ def _broken_entries(root: Path, rng: random.Random) -> list[tuple[str, str, byte
     _shape_image(rng, "circle", "red").resize((112, 112)).save(buf, format="JPEG", quality=92)
     (bdir / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (bdir / "empty.wav").write_bytes(b"")
-    (bdir / "not_a_video.mp4").write_text("this is a text file, not an mp4 video\n", encoding="utf-8")
+    (bdir / "not_a_video.mp4").write_text(
+        "this is a text file, not an mp4 video\n", encoding="utf-8"
+    )
     _shape_image(rng, "square", "blue").save(bdir / "mismatch.png", format="PNG")
     (bdir / "huge.png").write_bytes(_huge_png_bytes())
 
     shape_q, move_q = "<image>\nWhat shape is this?", "<video>\nWhich way does the shape move?"
     two_images = "Image 1: <image>\nImage 2: <image>\nWhich image is blue?"
     return [
-        media_line("image.jsonl", "corrupt_image", "images", "broken/truncated.jpg",
-                   shape_q, "circle", "image_qa"),
-        media_line("audio.jsonl", "unreadable_audio", "audios", "broken/empty.wav",
-                   "<audio>\nDescribe the sound.", "one low beep", "audio_caption"),
-        media_line("video.jsonl", "unreadable_video", "videos", "broken/not_a_video.mp4",
-                   move_q, "left", "video_qa"),
-        media_line("video.jsonl", "missing_file", "videos", "videos/missing_999999.webm",
-                   move_q, "up", "video_qa"),
-        media_line("interleaved.jsonl", "placeholder_mismatch", "images", "broken/mismatch.png",
-                   two_images, "the first image", "interleaved_qa"),
-        media_line("image.jsonl", "image_too_large", "images", "broken/huge.png",
-                   shape_q, "square", "image_qa"),
-        ("text.jsonl", "bad_utf8", b'{"text": "3 + 4 = 7 \xff\xfe\xc3(", "task": "arithmetic"}', None),
-        ("text.jsonl", "empty_conversation",
-         json.dumps({"messages": [], "task": "text_to_speech"}).encode("utf-8"), None),
+        media_line(
+            "image.jsonl",
+            "corrupt_image",
+            "images",
+            "broken/truncated.jpg",
+            shape_q,
+            "circle",
+            "image_qa",
+        ),
+        media_line(
+            "audio.jsonl",
+            "unreadable_audio",
+            "audios",
+            "broken/empty.wav",
+            "<audio>\nDescribe the sound.",
+            "one low beep",
+            "audio_caption",
+        ),
+        media_line(
+            "video.jsonl",
+            "unreadable_video",
+            "videos",
+            "broken/not_a_video.mp4",
+            move_q,
+            "left",
+            "video_qa",
+        ),
+        media_line(
+            "video.jsonl",
+            "missing_file",
+            "videos",
+            "videos/missing_999999.webm",
+            move_q,
+            "up",
+            "video_qa",
+        ),
+        media_line(
+            "interleaved.jsonl",
+            "placeholder_mismatch",
+            "images",
+            "broken/mismatch.png",
+            two_images,
+            "the first image",
+            "interleaved_qa",
+        ),
+        media_line(
+            "image.jsonl",
+            "image_too_large",
+            "images",
+            "broken/huge.png",
+            shape_q,
+            "square",
+            "image_qa",
+        ),
+        (
+            "text.jsonl",
+            "bad_utf8",
+            b'{"text": "3 + 4 = 7 \xff\xfe\xc3(", "task": "arithmetic"}',
+            None,
+        ),
+        (
+            "text.jsonl",
+            "empty_conversation",
+            json.dumps({"messages": [], "task": "text_to_speech"}).encode("utf-8"),
+            None,
+        ),
     ]
 
 
@@ -508,7 +600,9 @@ def make_synthetic_dataset(
     root.mkdir(parents=True, exist_ok=True)
     existing = [root / p for p in _MANAGED if (root / p).exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{root} already holds a dataset ({existing[0].name}); pass overwrite=True")
+        raise FileExistsError(
+            f"{root} already holds a dataset ({existing[0].name}); pass overwrite=True"
+        )
     for p in existing:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
@@ -565,7 +659,6 @@ def make_synthetic_dataset(
     return manifest
 
 
-
 def corpus_texts(out_dir: str | Path) -> list[str]:
     """Every text of a written dataset (pure-text lines and message contents, broken lines
     skipped): what a tokenizer for it is trained on."""
@@ -577,10 +670,14 @@ def corpus_texts(out_dir: str | Path) -> list[str]:
             except ValueError:
                 continue
             out.append(o.get("text") or "")
-            out += [m.get("content", "") for m in o.get("messages") or []
-                    if isinstance(m, dict) and isinstance(m.get("content"), str)]
+            out += [
+                m.get("content", "")
+                for m in o.get("messages") or []
+                if isinstance(m, dict) and isinstance(m.get("content"), str)
+            ]
             out += [o[k] for k in ("prompt", "chosen", "rejected") if isinstance(o.get(k), str)]
     return out
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
@@ -596,25 +693,46 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("out_dir", type=Path, help="output folder (created if missing)")
     p.add_argument("--num-per-modality", type=int, default=64, help="training lines per modality")
-    p.add_argument("--num-val-per-modality", type=int, default=None,
-                   help="validation lines per modality (None: max(4, num_per_modality // 4))")
+    p.add_argument(
+        "--num-val-per-modality",
+        type=int,
+        default=None,
+        help="validation lines per modality (None: max(4, num_per_modality // 4))",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same bytes)")
-    p.add_argument("--broken", action="store_true",
-                   help="also insert deliberately broken lines/files (listed with their expected "
-                        "skip reason in manifest.json) to test preprocessing's error handling")
-    p.add_argument("--preference", action="store_true",
-                   help="also write DPO preference pairs (preference.jsonl, preference_val.jsonl) "
-                        "in every modality for the alignment stage (AT)")
-    p.add_argument("--no-overwrite", action="store_true",
-                   help="fail instead of replacing an existing dataset in out_dir")
+    p.add_argument(
+        "--broken",
+        action="store_true",
+        help="also insert deliberately broken lines/files (listed with their expected "
+        "skip reason in manifest.json) to test preprocessing's error handling",
+    )
+    p.add_argument(
+        "--preference",
+        action="store_true",
+        help="also write DPO preference pairs (preference.jsonl, preference_val.jsonl) "
+        "in every modality for the alignment stage (AT)",
+    )
+    p.add_argument(
+        "--no-overwrite",
+        action="store_true",
+        help="fail instead of replacing an existing dataset in out_dir",
+    )
     a = p.parse_args(argv)
-    m = make_synthetic_dataset(a.out_dir, a.num_per_modality, a.seed, a.broken,
-                               a.num_val_per_modality, overwrite=not a.no_overwrite,
-                               preference=a.preference)
+    m = make_synthetic_dataset(
+        a.out_dir,
+        a.num_per_modality,
+        a.seed,
+        a.broken,
+        a.num_val_per_modality,
+        overwrite=not a.no_overwrite,
+        preference=a.preference,
+    )
     n_train = sum(f["train_lines"] for f in m["files"].values())
     n_val = sum(f["val_lines"] for f in m["files"].values())
-    print(f"wrote {a.out_dir}: {n_train} train lines, {n_val} val lines, media {m['media_counts']}, "
-          f"{len(m['broken'])} broken lines")
+    print(
+        f"wrote {a.out_dir}: {n_train} train lines, {n_val} val lines, media {m['media_counts']}, "
+        f"{len(m['broken'])} broken lines"
+    )
     return 0
 
 

@@ -31,11 +31,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_omni.config.schema import ConfigError  # noqa: E402
-from megatron_omni.plan import (COMPUTE_EFFICIENCY, DEFAULT_GLOBAL_BATCH,  # noqa: E402
-                                FIXED_OVERHEAD_GIB, GPUS, PRESETS, TP_EXPOSED_FRACTION, Layout,
-                                Workload, calibration_table, check_recipe, format_calibration,
-                                format_plan,
-                                format_suggestions, image_grid, load_model_config, plan, suggest)
+from megatron_omni.plan import (  # noqa: E402
+    COMPUTE_EFFICIENCY,
+    DEFAULT_GLOBAL_BATCH,
+    FIXED_OVERHEAD_GIB,
+    GPUS,
+    PRESETS,
+    TP_EXPOSED_FRACTION,
+    Layout,
+    Workload,
+    calibration_table,
+    check_recipe,
+    format_calibration,
+    format_plan,
+    format_suggestions,
+    image_grid,
+    load_model_config,
+    plan,
+    suggest,
+)
 from megatron_omni.training.flops import audio_encoder_frames  # noqa: E402
 
 

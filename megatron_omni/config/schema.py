@@ -160,7 +160,8 @@ class VisionConfig:
         )
         _check(
             (self.hidden_size // self.num_heads) % 4 == 0,
-            "model.vision head dim must be a multiple of 4 (2-D rotary splits it in halves of pairs)",
+            "model.vision head dim must be a multiple of 4 (2-D rotary splits it in halves of "
+            "pairs)",
         )
 
 
@@ -291,22 +292,31 @@ class ParallelConfig:
     """Timeout for collective operations."""
 
     def __post_init__(self):
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "context_parallel_size"):
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+        ):
             _check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1")
-        _check(self.backend in ("auto", "nccl", "gloo"),
-               f"parallel.backend must be auto|nccl|gloo, got {self.backend!r}")
-        _check(self.distributed_timeout_minutes > 0,
-               f"parallel.distributed_timeout_minutes must be > 0 (minutes before a collective "
-               f"times out), got {self.distributed_timeout_minutes}; 10 is a good default")
+        _check(
+            self.backend in ("auto", "nccl", "gloo"),
+            f"parallel.backend must be auto|nccl|gloo, got {self.backend!r}",
+        )
+        _check(
+            self.distributed_timeout_minutes > 0,
+            f"parallel.distributed_timeout_minutes must be > 0 (minutes before a collective "
+            f"times out), got {self.distributed_timeout_minutes}; 10 is a good default",
+        )
         if self.virtual_pipeline_model_parallel_size is not None:
             _check(
                 self.pipeline_model_parallel_size > 1,
                 "parallel.virtual_pipeline_model_parallel_size needs "
                 "parallel.pipeline_model_parallel_size > 1; unset it or raise PP",
             )
-            _check(self.virtual_pipeline_model_parallel_size >= 2,
-                   "parallel.virtual_pipeline_model_parallel_size must be >= 2 (or null)")
+            _check(
+                self.virtual_pipeline_model_parallel_size >= 2,
+                "parallel.virtual_pipeline_model_parallel_size must be >= 2 (or null)",
+            )
         if self.sequence_parallel:
             _check(
                 self.tensor_model_parallel_size > 1,
@@ -366,9 +376,11 @@ class DataConfig:
         _check(self.shuffle_buffer_size >= 1, "data.shuffle_buffer_size must be >= 1")
         _check(self.micro_batch_size >= 1, "data.micro_batch_size must be >= 1")
         _check(0.0 <= self.pure_text_ratio < 1.0, "data.pure_text_ratio must be in [0, 1)")
-        _check(self.media_backend in ("auto", "dali", "cpu", "dali_gpu", "deferred"),
-               f"data.media_backend must be auto|dali|cpu|dali_gpu|deferred, got "
-               f"{self.media_backend!r}")
+        _check(
+            self.media_backend in ("auto", "dali", "cpu", "dali_gpu", "deferred"),
+            f"data.media_backend must be auto|dali|cpu|dali_gpu|deferred, got "
+            f"{self.media_backend!r}",
+        )
         _check(len(self.modalities) > 0, "data.modalities must name at least one modality")
         known = {"text", "image", "video", "audio", "interleaved", "gen_audio", "gen_image"}
         bad = [m for m in self.modalities if m not in known]
@@ -485,32 +497,52 @@ class TrainingConfig:
         _check(self.lr >= 0 and self.min_lr >= 0, "training.lr and min_lr must be >= 0")
         _check(self.min_lr <= self.lr, "training.min_lr must be <= training.lr")
         _check(self.num_micro_batches >= 1, "training.num_micro_batches must be >= 1")
-        _check(self.fp8 in (None, "hybrid", "e4m3"),
-               f"training.fp8 must be null|hybrid|e4m3, got {self.fp8!r}")
-        _check(self.recompute_granularity in (None, "full", "selective"),
-               "training.recompute_granularity must be null|full|selective")
-        _check(self.optimizer in ("adam", "adamw"),
-               f"training.optimizer must be adam|adamw, got {self.optimizer!r}")
-        _check(self.keep_last_checkpoints >= 0,
-               "training.keep_last_checkpoints must be >= 0 (0 keeps all)")
-        _check(self.on_dp_change in ("refuse", "restart_data"),
-               f"training.on_dp_change must be refuse|restart_data, got {self.on_dp_change!r}")
-        _check(self.log_interval >= 1,
-               f"training.log_interval must be >= 1 (steps between log lines), got "
-               f"{self.log_interval}")
-        for name, what in (("lr_warmup_iters", "0 = no warm-up"),
-                           ("clip_grad", "0 disables clipping"),
-                           ("weight_decay", "0 = none"),
-                           ("save_interval", "0 = save only at the end / on a signal"),
-                           ("max_nan_steps", "steps in a row with a NaN loss")):
-            _check(getattr(self, name) >= 0,
-                   f"training.{name} must be >= 0 ({what}), got {getattr(self, name)}")
+        _check(
+            self.fp8 in (None, "hybrid", "e4m3"),
+            f"training.fp8 must be null|hybrid|e4m3, got {self.fp8!r}",
+        )
+        _check(
+            self.recompute_granularity in (None, "full", "selective"),
+            "training.recompute_granularity must be null|full|selective",
+        )
+        _check(
+            self.optimizer in ("adam", "adamw"),
+            f"training.optimizer must be adam|adamw, got {self.optimizer!r}",
+        )
+        _check(
+            self.keep_last_checkpoints >= 0,
+            "training.keep_last_checkpoints must be >= 0 (0 keeps all)",
+        )
+        _check(
+            self.on_dp_change in ("refuse", "restart_data"),
+            f"training.on_dp_change must be refuse|restart_data, got {self.on_dp_change!r}",
+        )
+        _check(
+            self.log_interval >= 1,
+            f"training.log_interval must be >= 1 (steps between log lines), got "
+            f"{self.log_interval}",
+        )
+        for name, what in (
+            ("lr_warmup_iters", "0 = no warm-up"),
+            ("clip_grad", "0 disables clipping"),
+            ("weight_decay", "0 = none"),
+            ("save_interval", "0 = save only at the end / on a signal"),
+            ("max_nan_steps", "steps in a row with a NaN loss"),
+        ):
+            _check(
+                getattr(self, name) >= 0,
+                f"training.{name} must be >= 0 ({what}), got {getattr(self, name)}",
+            )
         for name in ("adam_beta1", "adam_beta2"):
-            _check(0.0 <= getattr(self, name) < 1.0,
-                   f"training.{name} must be in [0, 1), got {getattr(self, name)}")
+            _check(
+                0.0 <= getattr(self, name) < 1.0,
+                f"training.{name} must be in [0, 1), got {getattr(self, name)}",
+            )
         _check(self.adam_eps > 0, f"training.adam_eps must be > 0, got {self.adam_eps}")
-        _check(self.exit_interval is None or self.exit_interval >= 1,
-               f"training.exit_interval must be >= 1 or null, got {self.exit_interval}")
+        _check(
+            self.exit_interval is None or self.exit_interval >= 1,
+            f"training.exit_interval must be >= 1 or null, got {self.exit_interval}",
+        )
 
 
 @dataclass
@@ -575,12 +607,16 @@ class StageConfig:
     def __post_init__(self):
         names = ("pt1", "pt2", "pt3", "it1", "it2", "it3", "at", "custom")
         _check(self.name in names, f"stage.name must be one of {names}, got {self.name!r}")
-        _check(self.balance in ("none", "step", "dynamic"),
-               f"stage.balance must be none|step|dynamic, got {self.balance!r}")
+        _check(
+            self.balance in ("none", "step", "dynamic"),
+            f"stage.balance must be none|step|dynamic, got {self.balance!r}",
+        )
         _check(self.balance_window >= 2, "stage.balance_window (H) must be >= 2")
         _check(self.balance_scale >= 0, "stage.balance_scale (f) must be >= 0")
-        _check(self.balance_interval >= 1 and self.val_micro_batches >= 1,
-               "stage.balance_interval and stage.val_micro_batches must be >= 1")
+        _check(
+            self.balance_interval >= 1 and self.val_micro_batches >= 1,
+            "stage.balance_interval and stage.val_micro_batches must be >= 1",
+        )
         _check(self.balance_alpha > 0, "stage.balance_alpha must be > 0")
         _check(self.gen_audio_loss_weight >= 0, "stage.gen_audio_loss_weight must be >= 0")
 
@@ -599,8 +635,9 @@ class AlignmentConfig:
     lora_dropout: float = 0.0
     """Dropout on the adapters' input."""
 
-    lora_targets: list[str] = field(default_factory=lambda: [
-        "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    )
     """LLM decoder linears that get adapters."""
 
     dpo_beta: float = 0.1
@@ -622,9 +659,11 @@ class AlignmentConfig:
         _check(self.lora_alpha > 0, "alignment.lora_alpha must be > 0")
         _check(0.0 <= self.lora_dropout < 1.0, "alignment.lora_dropout must be in [0, 1)")
         known = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-        _check(bool(self.lora_targets) and all(t in known for t in self.lora_targets),
-               f"alignment.lora_targets must be a non-empty subset of {list(known)}, got "
-               f"{self.lora_targets}")
+        _check(
+            bool(self.lora_targets) and all(t in known for t in self.lora_targets),
+            f"alignment.lora_targets must be a non-empty subset of {list(known)}, got "
+            f"{self.lora_targets}",
+        )
         _check(self.dpo_beta > 0, "alignment.dpo_beta must be > 0")
         _check(self.sft_weight >= 0, "alignment.sft_weight must be >= 0")
         _check(self.preference_ratio > 0, "alignment.preference_ratio must be > 0")

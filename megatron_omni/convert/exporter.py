@@ -24,11 +24,21 @@ from typing import Optional
 import torch
 
 from ..data.special_tokens import NUM_SPECIAL, SPECIAL_TOKENS
-from .checkpoint_io import (MegatronCheckpointReader, ShardedSafetensorsWriter, atomic_output,
-                            is_lora_name)
+from .checkpoint_io import (
+    MegatronCheckpointReader,
+    ShardedSafetensorsWriter,
+    atomic_output,
+    is_lora_name,
+)
 from .param_map import ConversionError, export_tensors, group_units, llama_links
-from .release import (check_release_expressible, dtype_name, llama3_scaling, llm_hf_fields,
-                      release_config, release_links)
+from .release import (
+    check_release_expressible,
+    dtype_name,
+    llama3_scaling,
+    llm_hf_fields,
+    release_config,
+    release_links,
+)
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,17 @@ from ..config import ConfigError, OmniConfig, from_dict, parse_overrides, valida
 from ..config.loader import _merge, _read_yaml
 from ..data.special_tokens import NUM_SPECIAL
 from .checkpoint_io import TensorSource, check_output, read_json
-from .param_map import (ConversionError, Link, canonical_name, check_source_keys, llama_links,
-                        read_local, sanm_links, sanm_param_names, vision_links)
+from .param_map import (
+    ConversionError,
+    Link,
+    canonical_name,
+    check_source_keys,
+    llama_links,
+    read_local,
+    sanm_links,
+    sanm_param_names,
+    vision_links,
+)
 
 log = logging.getLogger(__name__)
 
@@ -457,8 +466,7 @@ def run_import_rank(req: ImportRequest, progress: bool = True, env=None) -> Opti
     from ..models.omni import build_omni_chunks
     from ..parallel import runtime
     from ..training.checkpoint import save_checkpoint
-    from .checkpoint_io import (discard_output, partial_dir, prepare_output,
-                                publish_output)
+    from .checkpoint_io import discard_output, partial_dir, prepare_output, publish_output
 
     plan = build_plan(req)
     cfg = plan.cfg

@@ -62,8 +62,15 @@ import torch
 from ..config import OmniConfig, from_dict, parse_overrides, validate
 from ..config.validate import padded_vocab_size
 from ..data.special_tokens import NUM_SPECIAL, SPECIAL_TOKENS
-from .param_map import (ConversionError, Link, llama_links, projector_links, sanm_links,
-                        sanm_param_names, vision_links)
+from .param_map import (
+    ConversionError,
+    Link,
+    llama_links,
+    projector_links,
+    sanm_links,
+    sanm_param_names,
+    vision_links,
+)
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,8 @@ def _check(state: Mapping[str, torch.Tensor], config: SANMConfig, where: str) ->
         raise ValueError(
             f"SAN-M state dict ({where}) does not match SANMConfig(input_size={config.input_size}, "
             f"output_size={config.output_size}, linear_units={config.linear_units}, "
-            f"num_blocks={config.num_blocks}, kernel_size={config.kernel_size}): " + "; ".join(problems)
+            f"num_blocks={config.num_blocks}, kernel_size={config.kernel_size}): "
+            + "; ".join(problems)
         )
 
 
@@ -94,7 +95,7 @@ StateDict = dict[str, torch.Tensor]
 
 
 def _strip(state: Mapping[str, torch.Tensor], prefix: str, config: SANMConfig | None) -> StateDict:
-    ours = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    ours = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not ours:
         raise ValueError(
             f"no keys start with {prefix!r}; is this a SAN-M checkpoint? (first keys: "

@@ -219,7 +219,13 @@ class PackedRow:
             return NotImplemented
         return (
             (self.sample_ids, self.lengths, self.modalities, self.num_images, self.num_patches)
-            == (other.sample_ids, other.lengths, other.modalities, other.num_images, other.num_patches)
+            == (
+                other.sample_ids,
+                other.lengths,
+                other.modalities,
+                other.num_images,
+                other.num_patches,
+            )
             and (self.seq_length, self.num_pad, self.truncated)
             == (other.seq_length, other.num_pad, other.truncated)
             and np.array_equal(self.cu_seqlens, other.cu_seqlens)

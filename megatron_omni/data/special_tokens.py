@@ -46,7 +46,8 @@ SPECIAL_TOKENS: list[str] = [
 ]
 # Llama-3 chat tokens for base vocabularies that lack them (a tiny BPE, a SentencePiece model).
 # When the base tokenizer has the exact string (Llama-3's tokenizer.json does), its own id is used
-# and the slot below stays reserved; otherwise the token takes the slot ``base_vocab_size + offset``.
+# and the slot below stays reserved; otherwise the token takes the slot ``base_vocab_size +
+# offset``.
 # These offsets live inside the eleven reserved slots before ``<imagePatch>``, so no other id
 # ever moves.
 CHAT_FALLBACK_OFFSETS: dict[str, int] = {
@@ -76,9 +77,11 @@ class SpecialTokenIds:
     def id(self, token: str) -> int:
         """Id of a special token string (``<image>``, ``<speech_12>``, ...)."""
         if token.startswith("<speech_") and token.endswith(">"):
-            code = int(token[len("<speech_"):-1])
+            code = int(token[len("<speech_") : -1])
             if not 0 <= code < self.speech_codebook_size:
-                raise KeyError(f"speech code {code} outside codebook of {self.speech_codebook_size}")
+                raise KeyError(
+                    f"speech code {code} outside codebook of {self.speech_codebook_size}"
+                )
             return self.speech_offset + code
         try:
             return self.base_vocab_size + SPECIAL_TOKENS.index(token)

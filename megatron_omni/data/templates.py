@@ -198,9 +198,11 @@ def _media_lists(sample: Mapping, image_tokens: Sequence[int], video_tokens: Seq
 def _check_speech(codes: Any, tok: OmniTokenizer) -> list[int]:
     k = tok.speech_codebook_size
     if (not isinstance(codes, list) or not codes
-            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < k for c in codes)):
-        raise SampleError("bad_speech_tokens", f"speech_tokens must be a non-empty list of ints in "
-                          f"[0, {k})")
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < k
+                       for c in codes)):
+        raise SampleError(
+            "bad_speech_tokens", f"speech_tokens must be a non-empty list of ints in [0, {k})"
+        )
     return codes
 
 
@@ -215,8 +217,10 @@ def _check_messages(messages: Any, *, need_assistant: bool) -> list[tuple[str, s
         if role not in ROLES:
             raise SampleError("bad_role", f"message {i} has role {role!r}; use one of {ROLES}")
         if not isinstance(content, str):
-            raise SampleError("non_string_content",
-                              f"message {i} content is {type(content).__name__}, not a string")
+            raise SampleError(
+                "non_string_content",
+                f"message {i} content is {type(content).__name__}, not a string",
+            )
         if role == "system" and i != 0:
             raise SampleError("misplaced_system", f"system message at position {i}; only first")
         out.append((role, content))
@@ -233,15 +237,18 @@ def _text(tok: OmniTokenizer, text: str) -> list[int]:
 
 
 def _header(tok: OmniTokenizer, role: str) -> list[int]:
-    return ([tok.start_header_id] + _text(tok, role) + [tok.end_header_id]
-            + _text(tok, "\n\n"))
+    return [tok.start_header_id] + _text(tok, role) + [tok.end_header_id] + _text(tok, "\n\n")
 
 
-def _content_pieces(tok: OmniTokenizer, role: str, content: str, media_iter: dict,
-                    loss: bool) -> list[_Piece]:
+def _content_pieces(
+    tok: OmniTokenizer, role: str, content: str, media_iter: dict, loss: bool
+) -> list[_Piece]:
     """Split one turn's (stripped) content at its allowed special strings."""
-    allowed = {"user": set(PLACEHOLDERS.values()), "assistant": set(GEN_IMAGE_MARKERS),
-               "system": set()}[role]
+    allowed = {
+        "user": set(PLACEHOLDERS.values()),
+        "assistant": set(GEN_IMAGE_MARKERS),
+        "system": set(),
+    }[role]
     pieces: list[_Piece] = []
     pos = 0
     in_gen = False
@@ -254,8 +261,12 @@ def _content_pieces(tok: OmniTokenizer, role: str, content: str, media_iter: dic
             pieces.append((_text(tok, content[pos:start]), loss))
         pos = end
         if token in _PLACEHOLDER_KIND:
-            pieces.append((_Media(_PLACEHOLDER_KIND[token], next(media_iter[_PLACEHOLDER_KIND[token]])),
-                           False))
+            pieces.append(
+                (
+                    _Media(_PLACEHOLDER_KIND[token], next(media_iter[_PLACEHOLDER_KIND[token]])),
+                    False,
+                )
+            )
         else:  # <gen_image> / </gen_image>
             opening = token == GEN_IMAGE_MARKERS[0]
             if opening == in_gen:
@@ -269,10 +280,16 @@ def _content_pieces(tok: OmniTokenizer, role: str, content: str, media_iter: dic
     return pieces
 
 
-def _conversation_plan(tok: OmniTokenizer, sample: Mapping, turns: list[tuple[str, str]],
-                       speech: dict[int, list[int]], image_tokens: Sequence[int],
-                       video_tokens: Sequence[int], cfg: TemplateConfig,
-                       assistant_loss: bool) -> list[_Piece]:
+def _conversation_plan(
+    tok: OmniTokenizer,
+    sample: Mapping,
+    turns: list[tuple[str, str]],
+    speech: dict[int, list[int]],
+    image_tokens: Sequence[int],
+    video_tokens: Sequence[int],
+    cfg: TemplateConfig,
+    assistant_loss: bool,
+) -> list[_Piece]:
     """``speech`` maps a turn index to the speech codes its assistant answer ends with."""
     media = _media_lists(sample, image_tokens, video_tokens, cfg)
     turns = [(role, content.strip()) for role, content in turns]
@@ -289,8 +306,10 @@ def _conversation_plan(tok: OmniTokenizer, sample: Mapping, turns: list[tuple[st
         if found == 0:
             prefix += [ph] * len(media[kind])
         elif found != len(media[kind]):
-            raise SampleError("placeholder_mismatch", f"{found} {ph} placeholder(s) but "
-                              f"{len(media[kind])} {kind}(s)")
+            raise SampleError(
+                "placeholder_mismatch",
+                f"{found} {ph} placeholder(s) but {len(media[kind])} {kind}(s)",
+            )
     if prefix:
         first_user = next(i for i, (r, _) in enumerate(turns) if r == "user")
         text = turns[first_user][1]
@@ -310,9 +329,14 @@ def _conversation_plan(tok: OmniTokenizer, sample: Mapping, turns: list[tuple[st
         plan += _content_pieces(tok, role, content, media_iter, loss)
         codes = speech.get(i)
         if codes is not None:
-            plan.append(([tok.special.gen_audio_start]
-                         + [tok.special.speech_offset + c for c in codes]
-                         + [tok.special.gen_audio_end], loss))
+            plan.append(
+                (
+                    [tok.special.gen_audio_start]
+                    + [tok.special.speech_offset + c for c in codes]
+                    + [tok.special.gen_audio_end],
+                    loss,
+                )
+            )
         if role == "assistant" and not content and codes is None:
             raise SampleError("empty_answer", "an assistant turn has no text and no speech")
         plan.append(([tok.eot_id], loss))
@@ -325,11 +349,16 @@ def _conversation_plan(tok: OmniTokenizer, sample: Mapping, turns: list[tuple[st
 def sample_form(sample: Any) -> str:
     """``"chat"``, ``"text"`` or ``"preference"``; ``SampleError`` if it is none of them."""
     if not isinstance(sample, Mapping):
-        raise SampleError("bad_sample", f"a sample must be a JSON object, got {type(sample).__name__}")
+        raise SampleError(
+            "bad_sample", f"a sample must be a JSON object, got {type(sample).__name__}"
+        )
     keys = [k for k in ("messages", "text", "prompt") if k in sample]
     if len(keys) != 1:
-        raise SampleError("unknown_format", "a sample needs exactly one of 'messages' (chat), "
-                          f"'text' (pure text) or 'prompt' (preference); found {keys}")
+        raise SampleError(
+            "unknown_format",
+            "a sample needs exactly one of 'messages' (chat), "
+            f"'text' (pure text) or 'prompt' (preference); found {keys}",
+        )
     return {"messages": "chat", "text": "text", "prompt": "preference"}[keys[0]]
 
 
@@ -344,8 +373,10 @@ def _chat_plan(sample, tok, image_tokens, video_tokens, cfg) -> list[_Piece]:
     if sample.get("speech_tokens") is not None:
         last = max(i for i, (r, _) in enumerate(turns) if r == "assistant")
         if last in speech:
-            raise SampleError("bad_speech_tokens",
-                              "speech_tokens given both on the sample and on its last assistant turn")
+            raise SampleError(
+                "bad_speech_tokens",
+                "speech_tokens given both on the sample and on its last assistant turn",
+            )
         speech[last] = _check_speech(sample["speech_tokens"], tok)
     return _conversation_plan(tok, sample, turns, speech, image_tokens, video_tokens, cfg, True)
 
@@ -370,7 +401,9 @@ def _preference_plans(sample, tok, image_tokens, video_tokens, cfg):
     if "chosen" not in sample or "rejected" not in sample:
         raise SampleError("bad_preference", "a preference sample needs 'chosen' and 'rejected'")
     if sample.get("speech_tokens") is not None:
-        raise SampleError("bad_speech_tokens", "speech_tokens are not supported in preference pairs")
+        raise SampleError(
+            "bad_speech_tokens", "speech_tokens are not supported in preference pairs"
+        )
     prompt = sample["prompt"]
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
@@ -417,9 +450,12 @@ def _build(tok: OmniTokenizer, plan: list[_Piece]) -> TemplatedSample:
         ids += part
         labels += part if loss else [IGNORE_INDEX] * len(part)
     s = tok.special
-    return TemplatedSample(ids, labels,
-                           _spans(ids, labels, s.gen_image_start, s.gen_image_end),
-                           _spans(ids, labels, s.gen_audio_start, s.gen_audio_end))
+    return TemplatedSample(
+        ids,
+        labels,
+        _spans(ids, labels, s.gen_image_start, s.gen_image_end),
+        _spans(ids, labels, s.gen_audio_start, s.gen_audio_end),
+    )
 
 
 def _spans(ids: list[int], labels: list[int], start: int, end: int) -> list[tuple[int, int]]:
@@ -437,9 +473,14 @@ def _spans(ids: list[int], labels: list[int], start: int, end: int) -> list[tupl
 # ----------------------------------------------------------------------------------- public API
 
 
-def template_sample(sample: Mapping, tok: OmniTokenizer, *, image_tokens: Sequence[int] = (),
-                    video_tokens: Sequence[int] = (),
-                    config: TemplateConfig | None = None) -> Templated:
+def template_sample(
+    sample: Mapping,
+    tok: OmniTokenizer,
+    *,
+    image_tokens: Sequence[int] = (),
+    video_tokens: Sequence[int] = (),
+    config: TemplateConfig | None = None,
+) -> Templated:
     """Template any sample form: a ``TemplatedSample`` (chat, text) or a ``PreferencePair``.
 
     ``image_tokens[i]`` / ``video_tokens[i]``: the number of patch tokens of the sample's i-th
@@ -451,14 +492,20 @@ def template_sample(sample: Mapping, tok: OmniTokenizer, *, image_tokens: Sequen
     return _build(tok, plans[0])
 
 
-def template_chat(sample: Mapping, tok: OmniTokenizer, *, image_tokens: Sequence[int] = (),
-                  video_tokens: Sequence[int] = (),
-                  config: TemplateConfig | None = None) -> TemplatedSample:
+def template_chat(
+    sample: Mapping,
+    tok: OmniTokenizer,
+    *,
+    image_tokens: Sequence[int] = (),
+    video_tokens: Sequence[int] = (),
+    config: TemplateConfig | None = None,
+) -> TemplatedSample:
     """Template a chat sample (``{"messages": ...}``)."""
     if sample_form(sample) != "chat":
         raise SampleError("unknown_format", "template_chat needs a 'messages' sample")
-    return _build(tok, _chat_plan(sample, tok, image_tokens, video_tokens,
-                                  config or TemplateConfig()))
+    return _build(
+        tok, _chat_plan(sample, tok, image_tokens, video_tokens, config or TemplateConfig())
+    )
 
 
 def template_text(sample: Mapping, tok: OmniTokenizer) -> TemplatedSample:
@@ -468,28 +515,48 @@ def template_text(sample: Mapping, tok: OmniTokenizer) -> TemplatedSample:
     return _build(tok, _text_plan(sample, tok))
 
 
-def template_preference(sample: Mapping, tok: OmniTokenizer, *, image_tokens: Sequence[int] = (),
-                        video_tokens: Sequence[int] = (),
-                        config: TemplateConfig | None = None) -> PreferencePair:
+def template_preference(
+    sample: Mapping,
+    tok: OmniTokenizer,
+    *,
+    image_tokens: Sequence[int] = (),
+    video_tokens: Sequence[int] = (),
+    config: TemplateConfig | None = None,
+) -> PreferencePair:
     """Template a preference sample (``{"prompt", "chosen", "rejected"}``) into a DPO pair."""
     if sample_form(sample) != "preference":
         raise SampleError("unknown_format", "template_preference needs a 'prompt' sample")
-    plans, prompt_len = _preference_plans(sample, tok, image_tokens, video_tokens,
-                                          config or TemplateConfig())
+    plans, prompt_len = _preference_plans(
+        sample, tok, image_tokens, video_tokens, config or TemplateConfig()
+    )
     return PreferencePair(_build(tok, plans[0]), _build(tok, plans[1]), prompt_len)
 
 
-def sequence_lengths(sample: Mapping, tok: OmniTokenizer, *, image_tokens: Sequence[int] = (),
-                     video_tokens: Sequence[int] = (),
-                     config: TemplateConfig | None = None) -> tuple[int, ...]:
+def sequence_lengths(
+    sample: Mapping,
+    tok: OmniTokenizer,
+    *,
+    image_tokens: Sequence[int] = (),
+    video_tokens: Sequence[int] = (),
+    config: TemplateConfig | None = None,
+) -> tuple[int, ...]:
     """Exact token length of each sequence the sample yields (one; two for a preference pair),
     without expanding media blocks. Raises the same ``SampleError`` as templating."""
     plans, _ = _plans(sample, tok, image_tokens, video_tokens, config)
     return tuple(_plan_len(p) for p in plans)
 
 
-def count_tokens(sample: Mapping, tok: OmniTokenizer, *, image_tokens: Sequence[int] = (),
-                 video_tokens: Sequence[int] = (), config: TemplateConfig | None = None) -> int:
+def count_tokens(
+    sample: Mapping,
+    tok: OmniTokenizer,
+    *,
+    image_tokens: Sequence[int] = (),
+    video_tokens: Sequence[int] = (),
+    config: TemplateConfig | None = None,
+) -> int:
     """Total tokens of the sample (both sequences of a preference pair summed)."""
-    return sum(sequence_lengths(sample, tok, image_tokens=image_tokens,
-                                video_tokens=video_tokens, config=config))
+    return sum(
+        sequence_lengths(
+            sample, tok, image_tokens=image_tokens, video_tokens=video_tokens, config=config
+        )
+    )

@@ -19,8 +19,10 @@ Special strings are matched in the text by this wrapper (not by the backend), so
 always encodes to its single id, with either backend, whatever merges the base BPE happens to have.
 Text between special strings is encoded by the backend on its own. Decoding is exact for byte-level
 BPE; for SentencePiece it is as exact as the model's normaliser (a model trained with
-``normalization_rule_name="identity"``, ``add_dummy_prefix=False``, ``remove_extra_whitespaces=False``
-round-trips exactly; a default one drops spaces next to special tokens, as SentencePiece always does).
+``normalization_rule_name="identity"``, ``add_dummy_prefix=False``,
+``remove_extra_whitespaces=False``
+round-trips exactly; a default one drops spaces next to special tokens, as SentencePiece always
+does).
 """
 
 from __future__ import annotations
@@ -48,13 +50,21 @@ PAD = "<|pad|>"
 # Pad strings looked up in the base vocabulary, in order, before falling back to the reserved slot.
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", PAD, "<pad>")
 # What ``train_tiny_tokenizer`` adds to its base vocabulary, mimicking Llama-3.1's tokenizer.json.
-LLAMA3_BASE_SPECIALS = (BEGIN_OF_TEXT, END_OF_TEXT, START_HEADER, END_HEADER, EOT,
-                        "<|finetune_right_pad_id|>")
+LLAMA3_BASE_SPECIALS = (
+    BEGIN_OF_TEXT,
+    END_OF_TEXT,
+    START_HEADER,
+    END_HEADER,
+    EOT,
+    "<|finetune_right_pad_id|>",
+)
 
 # Llama-3's pre-tokeniser split pattern (contractions, words, 1-3 digit numbers, punctuation,
 # newlines, spaces), so the tiny tokenizer segments text the way Llama-3 does.
-LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # A candidate special string: "<", up to 64 characters without brackets or spaces, ">". Candidates
 # are looked up in a dict, so 4096 speech codes cost nothing and "<foo>" stays plain text.
 _CANDIDATE = re.compile(r"<[^<>\s]{1,64}>")
@@ -66,7 +76,8 @@ class TokenizerError(ValueError):
 
 @dataclass(frozen=True)
 class ChatTokenIds:
-    """Ids of the Llama-3 chat tokens and pad; ``appended`` names those that live in reserved slots."""
+    """Ids of the Llama-3 chat tokens and pad; ``appended`` names those that live in reserved
+    slots."""
 
     bos: int
     eos: int
@@ -96,8 +107,10 @@ class _HFBackend:
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         top = max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1)
         if top >= self.vocab_size:
-            raise TokenizerError(f"{path}: token ids are not contiguous (max id {top} >= size "
-                                 f"{self.vocab_size}); cannot append special tokens after it")
+            raise TokenizerError(
+                f"{path}: token ids are not contiguous (max id {top} >= size "
+                f"{self.vocab_size}); cannot append special tokens after it"
+            )
 
     def encode(self, text: str, parse_special: bool) -> list[int]:
         tok = self.tok if parse_special else self.plain
@@ -127,15 +140,18 @@ class _SPBackend:
             try:
                 first = path.read_bytes()[:200].split(b"\n", 1)[0]
                 if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", first):
-                    hint = (" (this looks like a tiktoken BPE file, e.g. Meta's original Llama-3 "
-                            "tokenizer.model: use the Hugging Face tokenizer.json instead)")
+                    hint = (
+                        " (this looks like a tiktoken BPE file, e.g. Meta's original Llama-3 "
+                        "tokenizer.model: use the Hugging Face tokenizer.json instead)"
+                    )
             except OSError:
                 pass
             raise TokenizerError(f"cannot load SentencePiece model {path}: {e}{hint}") from e
         self.vocab_size = self.sp.get_piece_size()
 
     def encode(self, text: str, parse_special: bool) -> list[int]:
-        # SentencePiece never matches control symbols in text; user-defined symbols it handles itself.
+        # SentencePiece never matches control symbols in text; user-defined symbols it handles
+        # itself.
         return self.sp.encode(text, out_type=int)
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
@@ -157,8 +173,12 @@ class _SPBackend:
 class OmniTokenizer:
     """The base tokenizer plus the M2-omni special tokens, chat tokens and speech codebook."""
 
-    def __init__(self, backend: _HFBackend | _SPBackend, *,
-                 speech_codebook_size: int = DEFAULT_SPEECH_CODEBOOK_SIZE):
+    def __init__(
+        self,
+        backend: _HFBackend | _SPBackend,
+        *,
+        speech_codebook_size: int = DEFAULT_SPEECH_CODEBOOK_SIZE,
+    ):
         if speech_codebook_size < 0:
             raise TokenizerError(f"speech_codebook_size must be >= 0, got {speech_codebook_size}")
         self._backend = backend
@@ -182,13 +202,20 @@ class OmniTokenizer:
             pad = base + CHAT_FALLBACK_OFFSETS[PAD]
             slot_names[CHAT_FALLBACK_OFFSETS[PAD]] = PAD
             appended.add(PAD)
-        self.chat = ChatTokenIds(bos=chat[BEGIN_OF_TEXT], eos=chat[END_OF_TEXT],
-                                 start_header=chat[START_HEADER], end_header=chat[END_HEADER],
-                                 eot=chat[EOT], pad=pad, appended=frozenset(appended))
+        self.chat = ChatTokenIds(
+            bos=chat[BEGIN_OF_TEXT],
+            eos=chat[END_OF_TEXT],
+            start_header=chat[START_HEADER],
+            end_header=chat[END_HEADER],
+            eot=chat[EOT],
+            pad=pad,
+            appended=frozenset(appended),
+        )
 
         self._id_to_str: dict[int, str] = {base + i: s for i, s in enumerate(slot_names)}
-        self._id_to_str.update({self.special.speech_offset + c: speech_token(c)
-                                for c in range(speech_codebook_size)})
+        self._id_to_str.update(
+            {self.special.speech_offset + c: speech_token(c) for c in range(speech_codebook_size)}
+        )
         self._str_to_id: dict[str, int] = {s: i for i, s in self._id_to_str.items()}
         # Chat strings that live in the base vocabulary are matched here too, so they are single
         # ids with every backend.
@@ -243,12 +270,16 @@ class OmniTokenizer:
 
     def find_special_tokens(self, text: str) -> list[tuple[int, int, str]]:
         """``(start, end, token)`` for every special/chat token string in ``text``, in order."""
-        return [(m.start(), m.end(), m.group()) for m in _CANDIDATE.finditer(text)
-                if m.group() in self._str_to_id]
+        return [
+            (m.start(), m.end(), m.group())
+            for m in _CANDIDATE.finditer(text)
+            if m.group() in self._str_to_id
+        ]
 
     # ------------------------------------------------------------------------ encode/decode
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False,
-               parse_special: bool = True) -> list[int]:
+    def encode(
+        self, text: str, *, add_bos: bool = False, add_eos: bool = False, parse_special: bool = True
+    ) -> list[int]:
         """Token ids of ``text``; special token strings become their single ids.
 
         With ``parse_special=False`` the whole text is plain text (also the base tokenizer's own
@@ -270,7 +301,9 @@ class OmniTokenizer:
             ids.append(self.chat.eos)
         return ids
 
-    def decode(self, ids: Sequence[int] | Iterable[int], *, skip_special_tokens: bool = False) -> str:
+    def decode(
+        self, ids: Sequence[int] | Iterable[int], *, skip_special_tokens: bool = False
+    ) -> str:
         """Text of ``ids``; appended tokens render as their strings (or vanish when skipping)."""
         ids = [int(i) for i in ids]
         self._check_ids(ids)
@@ -292,23 +325,28 @@ class OmniTokenizer:
     def _check_ids(self, ids: list[int]) -> None:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise TokenizerError(f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+            raise TokenizerError(
+                f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})"
+            )
 
     def __repr__(self) -> str:
-        return (f"OmniTokenizer(backend={self.backend}, base_vocab_size={self.base_vocab_size}, "
-                f"vocab_size={self.vocab_size}, chat tokens appended={sorted(self.chat.appended)})")
+        return (
+            f"OmniTokenizer(backend={self.backend}, base_vocab_size={self.base_vocab_size}, "
+            f"vocab_size={self.vocab_size}, chat tokens appended={sorted(self.chat.appended)})"
+        )
 
 
 # ------------------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(path: str | Path, *,
-                   speech_codebook_size: int = DEFAULT_SPEECH_CODEBOOK_SIZE) -> OmniTokenizer:
+def load_tokenizer(
+    path: str | Path, *, speech_codebook_size: int = DEFAULT_SPEECH_CODEBOOK_SIZE
+) -> OmniTokenizer:
     """Load a tokenizer, picking the backend by file type.
 
-    A directory is searched for ``tokenizer.json`` (preferred) then ``tokenizer.model``. A file whose
-    content starts with ``{`` is a Hugging Face ``tokenizers`` JSON; anything else is tried as a
-    SentencePiece model.
+    A directory is searched for ``tokenizer.json`` (preferred) then ``tokenizer.model``. A file
+    whose content starts with ``{`` is a Hugging Face ``tokenizers`` JSON; anything else is tried
+    as a SentencePiece model.
     """
     path = Path(path)
     if path.is_dir():
@@ -326,8 +364,13 @@ def load_tokenizer(path: str | Path, *,
     return OmniTokenizer(backend, speech_codebook_size=speech_codebook_size)
 
 
-def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path, *,
-                         llama3_special_tokens: bool = True) -> Path:
+def train_tiny_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    out_path: str | Path,
+    *,
+    llama3_special_tokens: bool = True,
+) -> Path:
     """Train a small byte-level BPE (``tokenizers``) on ``texts`` and save it as a tokenizer.json.
 
     Same pipeline shape as Llama-3's file: Llama-3 split regex + byte-level mapping, BPE, byte-level
@@ -347,13 +390,19 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | 
         raise ValueError(f"vocab_size must exceed the 256 byte symbols, got {vocab_size}")
     tok = Tokenizer(models.BPE())
     # Llama-3's pre-tokenisation: split with its regex, then map bytes to printable symbols.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=[],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        show_progress=False,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     if llama3_special_tokens:
         tok.add_special_tokens(list(LLAMA3_BASE_SPECIALS))

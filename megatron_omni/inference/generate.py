@@ -215,8 +215,12 @@ def prompt_inputs(tokens: Union[torch.Tensor, Sequence[int]], special, images: S
 def media_settings_from_prepared(path: Union[str, Path]):
     """(ImageSettings, VideoSettings, TemplateConfig) a prepared dataset was made with: ``path``
     is the dataset root (``data.path``) or one modality folder of it."""
-    from ..data.preprocess import (image_settings_from, load_omni_meta, template_config_from,
-                                   video_settings_from)
+    from ..data.preprocess import (
+        image_settings_from,
+        load_omni_meta,
+        template_config_from,
+        video_settings_from,
+    )
 
     path = Path(path)
     candidates = [path] + sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []

@@ -54,9 +54,13 @@ class VarlenSDPAttention(MegatronModule):
                              "Transformer Engine spec (model.transformer_impl=transformer_engine)")
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
         head_dim = config.kv_channels
-        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        )
 
     def _causal(self, attn_mask_type: Optional[AttnMaskType]) -> bool:
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
@@ -72,12 +76,24 @@ class VarlenSDPAttention(MegatronModule):
         if dropout > 0.0 and not self.config.sequence_parallel:
             # Same RNG stream as megatron-core's DotProductAttention dropout: distinct per TP rank.
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                      is_causal=causal and mask is None,
-                                                      scale=self.softmax_scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                              is_causal=causal and mask is None,
-                                              scale=self.softmax_scale)
+                return F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    dropout_p=dropout,
+                    is_causal=causal and mask is None,
+                    scale=self.softmax_scale,
+                )
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=causal and mask is None,
+            scale=self.softmax_scale,
+        )
 
     def _thd_path(self, query: torch.Tensor) -> str:
         forced = os.environ.get("OMNI_THD_ATTENTION", "").lower()
@@ -91,8 +107,9 @@ class VarlenSDPAttention(MegatronModule):
         t = query.shape[0]
         mask = _segment_block_mask(params, cu, t, causal, query.device)
         q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
-        out = _flex_fn(query.is_cuda)(q, k, v, block_mask=mask, scale=self.softmax_scale,
-                                      enable_gqa=k.shape[1] != q.shape[1])
+        out = _flex_fn(query.is_cuda)(
+            q, k, v, block_mask=mask, scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1]
+        )
         return out[0].permute(1, 0, 2).reshape(t, -1)
 
     def forward(
@@ -118,8 +135,9 @@ class VarlenSDPAttention(MegatronModule):
                 return self._thd_flex(query, key, value, cu, causal, packed_seq_params)
             bounds = cu.tolist()
             if bounds[0] != 0 or bounds[-1] != t:
-                raise ValueError(f"cu_seqlens {bounds} must start at 0 and end at the packed "
-                                 f"length {t}")
+                raise ValueError(
+                    f"cu_seqlens {bounds} must start at 0 and end at the packed length {t}"
+                )
             out = query.new_empty(query.shape[0], query.shape[1], value.shape[-1])
             for start, end in zip(bounds[:-1], bounds[1:]):
                 if end <= start:
@@ -187,9 +205,11 @@ def _segment_block_mask(params, cu: torch.Tensor, t: int, causal: bool, device):
     doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
 
     if causal:
+
         def mask_mod(b, h, q_idx, kv_idx):
             return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
     else:
+
         def mask_mod(b, h, q_idx, kv_idx):
             return doc[q_idx] == doc[kv_idx]
 
@@ -197,8 +217,9 @@ def _segment_block_mask(params, cu: torch.Tensor, t: int, causal: bool, device):
     return cache[key]
 
 
-def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: Optional[int] = None
-                      ) -> PackedSeqParams:
+def packed_seq_params(
+    cu_seqlens: torch.Tensor, max_seqlen: Optional[int] = None
+) -> PackedSeqParams:
     """THD ``PackedSeqParams`` for one packed row whose segments are ``cu_seqlens`` (int32).
 
     ``cu_seqlens`` must end at the row length (a trailing padding segment counts as a sample),

@@ -76,7 +76,8 @@ class SANMConfig:
     linear_units: int = 2048
     """Hidden width of the ReLU feed-forward."""
     num_blocks: int = 50
-    """Total blocks: 1 in ``encoders0`` (input_size -> output_size) + num_blocks - 1 in ``encoders``."""
+    """Total blocks: 1 in ``encoders0`` (input_size -> output_size) + num_blocks - 1 in
+    ``encoders``."""
     kernel_size: int = 11
     """FSMN depthwise convolution kernel (frames of context on the value path)."""
     sanm_shift: int = 0
@@ -95,7 +96,14 @@ class SANMConfig:
     release on padded batches. With no padding both agree exactly."""
 
     def __post_init__(self) -> None:
-        sizes = ("input_size", "output_size", "attention_heads", "linear_units", "num_blocks", "kernel_size")
+        sizes = (
+            "input_size",
+            "output_size",
+            "attention_heads",
+            "linear_units",
+            "num_blocks",
+            "kernel_size",
+        )
         for name in sizes:
             if getattr(self, name) < 1:
                 raise ValueError(f"SANMConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -106,7 +114,8 @@ class SANMConfig:
             )
         if self.input_size % 2 or self.input_size < 4:
             raise ValueError(
-                f"SANMConfig.input_size must be even and >= 4 for the sinusoidal position encoding, "
+                "SANMConfig.input_size must be even and >= 4 for the sinusoidal position "
+                "encoding, "
                 f"got {self.input_size}"
             )
         left = (self.kernel_size - 1) // 2 + self.sanm_shift
@@ -140,7 +149,10 @@ def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
 
 
 def sinusoidal_position_encoding(
-    num_positions: int, depth: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    num_positions: int,
+    depth: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """FunASR's ``SinusoidalPositionEncoder`` table, ``[num_positions, depth]``.
 
@@ -201,7 +213,9 @@ class SANMAttention(nn.Module):
         else:
             # Same result as FunASR's "-inf on padded keys, softmax, zero them" (every clip has
             # >= 1 real frame, so no row is fully masked), through PyTorch's fused kernels.
-            context = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=key_mask, dropout_p=p_drop)
+            context = F.scaled_dot_product_attention(
+                qh, kh, vh, attn_mask=key_mask, dropout_p=p_drop
+            )
         context = context.transpose(1, 2).reshape(bsz, t, -1)
         return self.linear_out(context) + memory
 
@@ -262,7 +276,8 @@ class SANMEncoder(nn.Module):
         cfg = self.config
         if features.dim() != 3 or features.shape[-1] != cfg.input_size:
             raise ValueError(
-                f"SANMEncoder expects features [B, T, {cfg.input_size}], got {tuple(features.shape)}"
+                f"SANMEncoder expects features [B, T, {cfg.input_size}], got "
+                f"{tuple(features.shape)}"
             )
         bsz, t, _ = features.shape
         if t == 0:
@@ -277,7 +292,8 @@ class SANMEncoder(nn.Module):
         bad = sorted({str(p.dtype) for p in self.parameters() if p.dtype != torch.float32})
         if bad:
             raise TypeError(
-                f"SANMEncoder parameters must stay float32 (found {', '.join(bad)}): it runs in fp32 "
+                f"SANMEncoder parameters must stay float32 (found {', '.join(bad)}): it runs in "
+                "fp32 "
                 "even in bf16/fp16 training; call .float() on it after any model-wide dtype cast"
             )
         with torch.autocast(device_type=features.device.type, enabled=False):
@@ -297,7 +313,9 @@ class SANMEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def num_audio_tokens(num_encoder_frames: int, frames_per_token: int = AUDIO_FRAMES_PER_TOKEN) -> int:
+def num_audio_tokens(
+    num_encoder_frames: int, frames_per_token: int = AUDIO_FRAMES_PER_TOKEN
+) -> int:
     """Real (non-padding) audio tokens of a clip before the 256 cap: the tail frames are dropped."""
     return num_encoder_frames // frames_per_token
 
@@ -336,7 +354,9 @@ class AudioTokenizerHead(nn.Module):
     """
 
     def __init__(
-        self, frames_per_token: int = AUDIO_FRAMES_PER_TOKEN, num_tokens: int = AUDIO_TOKENS_PER_CLIP
+        self,
+        frames_per_token: int = AUDIO_FRAMES_PER_TOKEN,
+        num_tokens: int = AUDIO_TOKENS_PER_CLIP,
     ):
         super().__init__()
         if frames_per_token < 1 or num_tokens < 1:
@@ -344,7 +364,9 @@ class AudioTokenizerHead(nn.Module):
         self.frames_per_token = frames_per_token
         self.num_tokens = num_tokens
 
-    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, token_lengths = stack_audio_frames(hidden, lengths, self.frames_per_token)
         return tokens[:, : self.num_tokens], token_lengths.clamp(max=self.num_tokens)
 
@@ -390,7 +412,9 @@ def pad_audio_tokens(
                 raise ValueError(f"clip {i} must be [T_i, H], got {tuple(clip.shape)}")
     hidden = clips[0].shape[-1]
     if pad_embedding.shape != (hidden,):
-        raise ValueError(f"pad_embedding must have shape [{hidden}], got {tuple(pad_embedding.shape)}")
+        raise ValueError(
+            f"pad_embedding must have shape [{hidden}], got {tuple(pad_embedding.shape)}"
+        )
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
     ref = clips[0]

@@ -140,7 +140,8 @@ DEFAULT_CONFIG = AudioFeatureConfig()
 
 
 def num_fbank_frames(num_samples: int, config: AudioFeatureConfig = DEFAULT_CONFIG) -> int:
-    """Fbank frames of a waveform of ``num_samples`` samples (``snip_edges=True``); 0 if too short."""
+    """Fbank frames of a waveform of ``num_samples`` samples (``snip_edges=True``); 0 if too
+    short."""
     length = config.frame_length_samples
     if num_samples < length:
         return 0
@@ -201,10 +202,13 @@ def _hamming_cpu(length: int) -> torch.Tensor:
     return (0.54 - 0.46 * torch.cos(2.0 * math.pi * i / (length - 1))).to(torch.float32)
 
 
-def _check_waveform(waveform: torch.Tensor, sample_rate: int, config: AudioFeatureConfig) -> torch.Tensor:
+def _check_waveform(
+    waveform: torch.Tensor, sample_rate: int, config: AudioFeatureConfig
+) -> torch.Tensor:
     if sample_rate != config.sample_rate:
         raise ValueError(
-            f"audio must be sampled at {config.sample_rate} Hz, got {sample_rate} Hz; resample it in "
+            f"audio must be sampled at {config.sample_rate} Hz, got {sample_rate} Hz; resample it "
+            "in "
             "the data pipeline before computing features"
         )
     if not isinstance(waveform, torch.Tensor):
@@ -239,7 +243,8 @@ def _check_waveform(waveform: torch.Tensor, sample_rate: int, config: AudioFeatu
 
 
 def _fbank_frames(frames: torch.Tensor, config: AudioFeatureConfig) -> torch.Tensor:
-    """Log-mel energies of raw (already int16-scaled) frames ``[..., frame_length]`` -> ``[..., bins]``."""
+    """Log-mel energies of raw (already int16-scaled) frames ``[..., frame_length]`` ->
+    ``[..., bins]``."""
     frames = frames - frames.mean(dim=-1, keepdim=True)
     # Pre-emphasis, Kaldi style: y[0] = x[0] - k x[0], y[i] = x[i] - k x[i-1].
     previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
@@ -255,7 +260,8 @@ def _fbank_frames(frames: torch.Tensor, config: AudioFeatureConfig) -> torch.Ten
 def kaldi_fbank(
     waveform: torch.Tensor, sample_rate: int, config: AudioFeatureConfig = DEFAULT_CONFIG
 ) -> torch.Tensor:
-    """Kaldi log-mel fbank of one 1-D float waveform in [-1, 1]: ``[num_frames, num_mel_bins]`` fp32.
+    """Kaldi log-mel fbank of one 1-D float waveform in [-1, 1]: ``[num_frames, num_mel_bins]``
+    fp32.
 
     The waveform is scaled by ``config.waveform_scale`` (2**15) first, as FunASR does, so the
     values and the pretrained CMVN statistics line up. Raises ``ValueError`` for a wrong sample

@@ -156,7 +156,8 @@ def get_packed_rope_index(
     ids = _check_ids(input_ids)
     total = ids.numel()
     bounds = [int(b) for b in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens)]
-    if not bounds or bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds)) or bounds[-1] > total:
+    decreasing = any(b > a for a, b in zip(bounds[1:], bounds))
+    if not bounds or bounds[0] != 0 or decreasing or bounds[-1] > total:
         raise ValueError(
             f"cu_seqlens must start at 0, be non-decreasing and end at most at the row length "
             f"{total}; got {bounds}"
@@ -190,7 +191,7 @@ def get_packed_rope_index(
     # Trailing padding not covered by cu_seqlens: text-like, restarting at 0.
     tail = total - bounds[-1]
     if tail:
-        out[:, bounds[-1]:] = torch.arange(tail, dtype=torch.long, device=ids.device)
+        out[:, bounds[-1] :] = torch.arange(tail, dtype=torch.long, device=ids.device)
     return (out, deltas) if return_deltas else out
 
 
@@ -287,19 +288,24 @@ def _resolve_ids(token_ids: Any, image_id, video_id, audio_id) -> tuple[int, int
     if audio_id is None and token_ids is not None:
         audio_id = getattr(token_ids, "audio_patch", None)
     if image_id is None or video_id is None:
-        raise ValueError("the image and video patch token ids are required (token_ids= or *_token_id=)")
+        raise ValueError(
+            "the image and video patch token ids are required (token_ids= or *_token_id=)"
+        )
     image_id, video_id = int(image_id), int(video_id)
     if image_id == video_id or (audio_id is not None and int(audio_id) in (image_id, video_id)):
         raise ValueError(
-            f"patch token ids must be distinct: image {image_id}, video {video_id}, audio {audio_id}"
+            f"patch token ids must be distinct: image {image_id}, video {video_id}, audio "
+            f"{audio_id}"
         )
     return image_id, video_id
 
 
 def _check_ids(input_ids: torch.Tensor) -> torch.Tensor:
     if not torch.is_tensor(input_ids) or input_ids.dim() != 1:
-        raise ValueError(f"input_ids must be a 1-D tensor, got {type(input_ids).__name__} "
-                         f"{tuple(getattr(input_ids, 'shape', ()))}")
+        raise ValueError(
+            f"input_ids must be a 1-D tensor, got {type(input_ids).__name__} "
+            f"{tuple(getattr(input_ids, 'shape', ()))}"
+        )
     return input_ids
 
 
@@ -326,7 +332,9 @@ def _is_triple(x: Any) -> bool:
     if torch.is_tensor(x):
         return x.dim() == 1 and x.numel() == 3
     if isinstance(x, (list, tuple)):
-        return len(x) == 3 and all(isinstance(v, numbers.Integral) or (torch.is_tensor(v) and v.dim() == 0) for v in x)
+        return len(x) == 3 and all(
+            isinstance(v, numbers.Integral) or (torch.is_tensor(v) and v.dim() == 0) for v in x
+        )
     return False
 
 

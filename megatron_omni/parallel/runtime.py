@@ -115,7 +115,8 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, env: Optional[DistEnv
         torch.cuda.set_device(env.local_rank)
 
     if not torch.distributed.is_initialized():
-        timeout = datetime.timedelta(minutes=timeout_minutes or parallel.distributed_timeout_minutes)
+        minutes = timeout_minutes or parallel.distributed_timeout_minutes
+        timeout = datetime.timedelta(minutes=minutes)
         torch.distributed.init_process_group(
             backend=backend,
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
@@ -131,10 +132,17 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, env: Optional[DistEnv
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     if env.rank == 0:
-        log.info("distributed: launcher=%s backend=%s world=%d TP=%d PP=%d VPP=%s CP=%d DP=%d",
-                 env.launcher, backend, env.world_size, tp, pp,
-                 parallel.virtual_pipeline_model_parallel_size, cp,
-                 parallel_state.get_data_parallel_world_size())
+        log.info(
+            "distributed: launcher=%s backend=%s world=%d TP=%d PP=%d VPP=%s CP=%d DP=%d",
+            env.launcher,
+            backend,
+            env.world_size,
+            tp,
+            pp,
+            parallel.virtual_pipeline_model_parallel_size,
+            cp,
+            parallel_state.get_data_parallel_world_size(),
+        )
     return env
 
 

@@ -33,13 +33,13 @@ What is saved
       tracker states and ``extra_state[RANK_LOCAL]`` (this rank's data-loader state, say).
 
 Resuming at the SAME layout (world size, TP, PP, VPP, CP) restores every rank's RNG streams and
-rank-local state exactly; with deterministic kernels the loss curve continues bit for bit. At a different layout the model,
-optimizer and scheduler still load (resharded); rank-specific state cannot map one-to-one, so the
-RNGs are re-seeded from (seed, step, pipeline rank) and the rank-local state is taken from a
-saved rank with the same data-parallel rank when the data-parallel size is unchanged, else it is
-None (see ``extra[META_KEY]['rank_local_source']``); the trainer then refuses the resume unless
-``training.on_dp_change=restart_data`` (``training/resume.py``), since Energon's per-rank loader
-positions do not map onto another data-parallel size.
+rank-local state exactly; with deterministic kernels the loss curve continues bit for bit. At a
+different layout the model, optimizer and scheduler still load (resharded); rank-specific state
+cannot map one-to-one, so the RNGs are re-seeded from (seed, step, pipeline rank) and the
+rank-local state is taken from a saved rank with the same data-parallel rank when the data-parallel
+size is unchanged, else it is None (see ``extra[META_KEY]['rank_local_source']``); the trainer then
+refuses the resume unless ``training.on_dp_change=restart_data`` (``training/resume.py``), since
+Energon's per-rank loader positions do not map onto another data-parallel size.
 
 Integrity: ``complete.json`` lists size + CRC-32 of every file (each rank checksums the files it
 wrote, rank 0 the rest) and ``training/ckpt_integrity.py`` verifies them before a resume. Rank
@@ -186,10 +186,12 @@ def read_rank_file(rank_dir: Path, rank: int) -> Optional[dict]:
             f"{legacy} is a pickled rank state file (old format) that holds more than plain "
             f"tensors; unpickling it could run code from the file, so it is not read. If you "
             f"wrote this checkpoint yourself, set {TRUST_PICKLE_ENV}=1 for this resume (the next "
-            f"checkpoint is written in the safe format). ({type(e).__name__})") from None
+            f"checkpoint is written in the safe format). ({type(e).__name__})"
+        ) from None
 
 
 # --- finding checkpoints --------------------------------------------------------------------------
+
 
 def list_checkpoints(root: Union[str, Path]) -> list[tuple[int, Path]]:
     """Published, complete checkpoints under ``root`` as (step, path), oldest first."""
@@ -220,8 +222,10 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
     path = Path(path)
     if _STEP_RE.fullmatch(path.name) and path.is_dir():
         if not (path / COMPLETE).is_file():
-            raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE}); it was "
-                                  f"not published. Use its root to pick the newest complete one")
+            raise CheckpointError(
+                f"{path} is not a complete checkpoint (no {COMPLETE}); it was "
+                f"not published. Use its root to pick the newest complete one"
+            )
         return path
     latest = find_latest(path)
     if latest is None:
@@ -297,17 +301,22 @@ def prune_checkpoints(root: Union[str, Path], keep_last: int) -> list[Path]:
 
 # --- layouts, RNG, rank-local state ---------------------------------------------------------------
 
+
 def _layout() -> dict:
     from megatron.core import parallel_state as ps
 
     return dict(
-        world_size=torch.distributed.get_world_size(), rank=torch.distributed.get_rank(),
+        world_size=torch.distributed.get_world_size(),
+        rank=torch.distributed.get_rank(),
         tp=ps.get_tensor_model_parallel_world_size(),
         pp=ps.get_pipeline_model_parallel_world_size(),
         vpp=ps.get_virtual_pipeline_model_parallel_world_size(),
-        cp=ps.get_context_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
-        tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
-        cp_rank=ps.get_context_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
+        cp=ps.get_context_parallel_world_size(),
+        dp=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        cp_rank=ps.get_context_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
     )
 
 
@@ -328,8 +337,11 @@ def capture_rng_state() -> dict:
     """This rank's python, numpy, torch (CPU + CUDA) and megatron RNG-tracker states."""
     from megatron.core import tensor_parallel
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     tracker = tensor_parallel.get_cuda_rng_tracker()
@@ -374,6 +386,7 @@ def reseed_rng(seed: int, step: int) -> None:
 
 # --- optimizer state fixes (see module docstring, bugs 1 and 2) -----------------------------------
 
+
 def _adam_like(inner) -> bool:
     return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
 
@@ -393,8 +406,9 @@ def _ensure_adam_state(optimizer) -> None:
                 if len(st) > 0:
                     continue
                 on_param = group.get("capturable") or group.get("fused")
-                st["step"] = torch.zeros((), dtype=torch.float32,
-                                         device=p.device if on_param else "cpu")
+                st["step"] = torch.zeros(
+                    (), dtype=torch.float32, device=p.device if on_param else "cpu"
+                )
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if group.get("amsgrad"):
@@ -460,13 +474,17 @@ def _load_optimizer_state(optimizer, state) -> None:
     else:
         states = [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state)
         if len(states) != len(subs):
-            raise CheckpointError(f"checkpoint has {len(states)} optimizer parts, this run "
-                                  f"{len(subs)}")
+            raise CheckpointError(
+                f"checkpoint has {len(states)} optimizer parts, this run {len(subs)}"
+            )
         pairs = list(zip(subs, states))
     for sub, st in pairs:
-        needs_fix = (isinstance(sub, DistributedOptimizer) and isinstance(st, dict)
-                     and st.get("param_state_sharding_type") == "fully_reshardable"
-                     and _adam_like(sub.optimizer))
+        needs_fix = (
+            isinstance(sub, DistributedOptimizer)
+            and isinstance(st, dict)
+            and st.get("param_state_sharding_type") == "fully_reshardable"
+            and _adam_like(sub.optimizer)
+        )
         if not needs_fix:
             if _adam_like(getattr(sub, "optimizer", None)):
                 _restore_zero_common_step(st)
@@ -497,6 +515,7 @@ def _optimizer_kind(optimizer) -> Optional[str]:
 
 # --- save -----------------------------------------------------------------------------------------
 
+
 def _unwrap(chunks: Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
     from megatron.core.utils import unwrap_model
 
@@ -504,8 +523,10 @@ def _unwrap(chunks: Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
 
 
 def _model_sharded_state_dict(chunks) -> dict:
-    return {f"model{i}": c.sharded_state_dict(metadata=dict(SHARDED_METADATA))
-            for i, c in enumerate(chunks)}
+    return {
+        f"model{i}": c.sharded_state_dict(metadata=dict(SHARDED_METADATA))
+        for i, c in enumerate(chunks)
+    }
 
 
 def _check_common_loadable(obj: Any, what: str) -> None:
@@ -561,13 +582,15 @@ def _save_strategy():
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
-        FullyParallelSaveStrategyWrapper)
+        FullyParallelSaveStrategyWrapper,
+    )
 
     strategy = get_default_save_sharded_strategy("torch_dist")
     if ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
         # Spread the writes of replicated shards over the data-parallel ranks.
         strategy = FullyParallelSaveStrategyWrapper(
-            strategy, ps.get_data_parallel_group(with_context_parallel=True))
+            strategy, ps.get_data_parallel_group(with_context_parallel=True)
+        )
     return strategy
 
 
@@ -581,15 +604,32 @@ def _config_yaml(cfg) -> Optional[str]:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def _publish(root: Path, tmp: Path, final: Path, step: int, keep_last: int, meta: dict,
-             known_sums: Optional[dict] = None) -> None:
+def _publish(
+    root: Path,
+    tmp: Path,
+    final: Path,
+    step: int,
+    keep_last: int,
+    meta: dict,
+    known_sums: Optional[dict] = None,
+) -> None:
     """Rank 0, after every rank finished writing into ``tmp``. ``known_sums``: checksums the
     ranks computed for their own files; the remaining files are checksummed here."""
     known = dict(known_sums or {})
     files = {**known, **integrity.file_checksums(tmp, skip=known)}
-    _atomic_write_bytes(tmp / COMPLETE, json.dumps(
-        {"step": int(step), "time": time.time(), "format": FORMAT, "layout": meta["layout"],
-         "files": dict(sorted(files.items()))}, indent=1).encode())
+    _atomic_write_bytes(
+        tmp / COMPLETE,
+        json.dumps(
+            {
+                "step": int(step),
+                "time": time.time(),
+                "format": FORMAT,
+                "layout": meta["layout"],
+                "files": dict(sorted(files.items())),
+            },
+            indent=1,
+        ).encode(),
+    )
     _fsync_dir(tmp)
     replaced = None
     if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
@@ -623,9 +663,17 @@ def _on_rank0(fn, what: str) -> None:
         raise CheckpointError(f"{what} failed on rank 0: {status[0]}")
 
 
-def save_checkpoint(root: Union[str, Path], step: int, model_chunks: Sequence[torch.nn.Module],
-                    optimizer=None, scheduler=None, extra_state: Optional[dict] = None,
-                    cfg=None, *, keep_last: Optional[int] = None) -> Path:
+def save_checkpoint(
+    root: Union[str, Path],
+    step: int,
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer=None,
+    scheduler=None,
+    extra_state: Optional[dict] = None,
+    cfg=None,
+    *,
+    keep_last: Optional[int] = None,
+) -> Path:
     """Save a checkpoint of ``step`` under ``root`` (collective: call on every rank).
 
     Args:
@@ -655,16 +703,22 @@ def save_checkpoint(root: Union[str, Path], step: int, model_chunks: Sequence[to
     chunks = _unwrap(model_chunks)
     config_yaml = _config_yaml(cfg)
     layout = _layout()
-    meta = {"format": FORMAT, "step": int(step), "layout": _shape(layout),
-            "optimizer": _optimizer_kind(optimizer), "num_chunks": len(chunks),
-            "config": config_yaml}
+    meta = {
+        "format": FORMAT,
+        "step": int(step),
+        "layout": _shape(layout),
+        "optimizer": _optimizer_kind(optimizer),
+        "num_chunks": len(chunks),
+        "config": config_yaml,
+    }
 
     model_sd = _model_sharded_state_dict(chunks)
     sd: dict = dict(model_sd)
     if optimizer is not None:
         _ensure_adam_state(optimizer)
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False,
-                                                       metadata=dict(SHARDED_METADATA))
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=False, metadata=dict(SHARDED_METADATA)
+        )
     if scheduler is not None:
         sd["scheduler"] = scheduler.state_dict()
     sd["extra_state"] = extra
@@ -685,12 +739,15 @@ def save_checkpoint(root: Union[str, Path], step: int, model_chunks: Sequence[to
     rank_dir = tmp / RANK_DIR
     rank_dir.mkdir(exist_ok=True)
     # Tagged JSON, not a pickle: reading it back runs no code (training/safe_state.py).
-    _atomic_write_bytes(rank_dir / rank_file_name(rank), safe_state.dumps(
-        {"layout": layout, "rng": capture_rng_state(), RANK_LOCAL: rank_local}))
+    _atomic_write_bytes(
+        rank_dir / rank_file_name(rank),
+        safe_state.dumps({"layout": layout, "rng": capture_rng_state(), RANK_LOCAL: rank_local}),
+    )
     # Each rank checksums what it wrote (in parallel); rank 0 adds the common files.
     sums = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(sums, integrity.file_checksums(
-        tmp, only=integrity.own_files(tmp, rank)))
+    torch.distributed.all_gather_object(
+        sums, integrity.file_checksums(tmp, only=integrity.own_files(tmp, rank))
+    )
     layouts = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(layouts, layout)
     if rank == 0:
@@ -700,8 +757,9 @@ def save_checkpoint(root: Union[str, Path], step: int, model_chunks: Sequence[to
     torch.distributed.barrier()  # every rank's files are on disk
 
     known = {k: v for part in sums for k, v in part.items()}
-    _on_rank0(lambda: _publish(root, tmp, final, step, keep_last, meta, known),
-              f"publishing {final}")
+    _on_rank0(
+        lambda: _publish(root, tmp, final, step, keep_last, meta, known), f"publishing {final}"
+    )
     if rank == 0:
         log.info("saved checkpoint %s", final)
     return final
@@ -743,8 +801,7 @@ def _mismatches(sd: dict, ckpt: Path) -> tuple[list[str], list[str]]:
     pre, _, _ = load_preprocess(sd)
     requested = {v.key for v in nested_values(pre) if isinstance(v, ShardedBase)}
     saved = sorted({v.key for v in load_sharded_metadata(str(ckpt)).values()})
-    used = torch.tensor([k in requested for k in saved], dtype=torch.uint8,
-                        device=_comm_device())
+    used = torch.tensor([k in requested for k in saved], dtype=torch.uint8, device=_comm_device())
     if used.numel():
         torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX)
     absent = _gather_union(requested.difference(saved))
@@ -778,10 +835,14 @@ def _rank_state(ckpt: Path, meta: dict, weights_only: bool, seed: Optional[int])
         info.update(rng_restored=True, rank_local_source="exact", **{RANK_LOCAL: st[RANK_LOCAL]})
         return info
     if same_layout:
-        log.warning("%s has no state file for rank %d (%s): its RNG streams are re-seeded and "
-                    "its rank-local state (data position) is taken from a rank of the same "
-                    "data-parallel rank if there is one", ckpt, rank,
-                    ckpt / RANK_DIR / rank_file_name(rank))
+        log.warning(
+            "%s has no state file for rank %d (%s): its RNG streams are re-seeded and "
+            "its rank-local state (data position) is taken from a rank of the same "
+            "data-parallel rank if there is one",
+            ckpt,
+            rank,
+            ckpt / RANK_DIR / rank_file_name(rank),
+        )
         info["rank_state_missing"] = True
     reseed_rng(_seed_from(meta, seed), meta.get("step", 0))
     index_file = ckpt / RANK_DIR / "index.json"
@@ -789,22 +850,34 @@ def _rank_state(ckpt: Path, meta: dict, weights_only: bool, seed: Optional[int])
         saved = json.loads(index_file.read_text())
         same_dp = [s for s in saved if s["dp_rank"] == layout["dp_rank"]]
         # Prefer the same pipeline stage, then the lowest TP/CP rank.
-        same_dp.sort(key=lambda s: (s["pp_rank"] != layout["pp_rank"], s["pp_rank"],
-                                    s["tp_rank"], s["cp_rank"]))
+        same_dp.sort(
+            key=lambda s: (
+                s["pp_rank"] != layout["pp_rank"],
+                s["pp_rank"],
+                s["tp_rank"],
+                s["cp_rank"],
+            )
+        )
         for cand in same_dp:
             st = read_rank_file(ckpt / RANK_DIR, cand["rank"])
             if st is not None:
-                info.update(rank_local_source="data_parallel_rank",
-                            **{RANK_LOCAL: st[RANK_LOCAL]})
+                info.update(rank_local_source="data_parallel_rank", **{RANK_LOCAL: st[RANK_LOCAL]})
                 break
     return info
 
 
-def load_checkpoint(path: Union[str, Path], model_chunks: Sequence[torch.nn.Module],
-                    optimizer=None, scheduler=None, strict: bool = True,
-                    load_optimizer: bool = True, *, weights_only: bool = False,
-                    allow_missing: Union[bool, Sequence[str]] = False,
-                    seed: Optional[int] = None) -> dict:
+def load_checkpoint(
+    path: Union[str, Path],
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer=None,
+    scheduler=None,
+    strict: bool = True,
+    load_optimizer: bool = True,
+    *,
+    weights_only: bool = False,
+    allow_missing: Union[bool, Sequence[str]] = False,
+    seed: Optional[int] = None,
+) -> dict:
     """Load a checkpoint into this rank's model chunks (and optimizer/scheduler); collective.
 
     Args:
@@ -851,34 +924,49 @@ def load_checkpoint(path: Union[str, Path], model_chunks: Sequence[torch.nn.Modu
     want_opt = optimizer is not None and load_optimizer and not weights_only
     if want_opt:
         if "optimizer" not in common:
-            raise CheckpointError(f"{ckpt} holds no optimizer state; load with "
-                                  f"load_optimizer=False (fresh optimizer)")
+            raise CheckpointError(
+                f"{ckpt} holds no optimizer state; load with load_optimizer=False (fresh optimizer)"
+            )
         kind = _optimizer_kind(optimizer)
         if meta.get("optimizer") != kind:
             raise CheckpointError(
                 f"{ckpt} was saved with the {meta.get('optimizer')} optimizer but this run uses "
                 f"the {kind} one (training.use_distributed_optimizer changed); load with "
-                f"load_optimizer=False or switch it back")
+                f"load_optimizer=False or switch it back"
+            )
         _ensure_adam_state(optimizer)
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                                       metadata=dict(SHARDED_METADATA))
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=dict(SHARDED_METADATA)
+        )
 
     # Mismatches are decided BEFORE anything is loaded, identically on every rank, so a refused
     # load leaves the model untouched.
     unexpected, dropped = _mismatches(sd, ckpt)
-    bad_new = [k for k in unexpected
-               if not (allowed is None or _matches(k, allowed)
-                       or (k.startswith("optimizer.") and allowed is not None
-                           and _matches(k.split(".", 3)[-1], allowed)))]
+    bad_new = [
+        k
+        for k in unexpected
+        if not (
+            allowed is None
+            or _matches(k, allowed)
+            or (
+                k.startswith("optimizer.")
+                and allowed is not None
+                and _matches(k.split(".", 3)[-1], allowed)
+            )
+        )
+    ]
     if bad_new:
         raise CheckpointError(
             f"{ckpt} lacks {len(bad_new)} tensor(s) this model needs: {bad_new[:8]}"
             f"{' ...' if len(bad_new) > 8 else ''}; to keep their initialisation (stage "
-            f"initialisation with a new module) pass allow_missing=[name prefixes]")
+            f"initialisation with a new module) pass allow_missing=[name prefixes]"
+        )
     dropped = [k for k in dropped if not k.startswith("optimizer.")]
     if dropped:
-        msg = (f"{ckpt} has {len(dropped)} tensor(s) this model does not: {dropped[:8]}"
-               f"{' ...' if len(dropped) > 8 else ''}")
+        msg = (
+            f"{ckpt} has {len(dropped)} tensor(s) this model does not: {dropped[:8]}"
+            f"{' ...' if len(dropped) > 8 else ''}"
+        )
         if strict:
             raise CheckpointError(msg + "; load with strict=False to ignore them")
         log.warning(msg)
@@ -891,8 +979,10 @@ def load_checkpoint(path: Union[str, Path], model_chunks: Sequence[torch.nn.Modu
         miss = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         miss = [k for k in miss if not (allowed is None or _matches(k, allowed))]
         if miss or result.unexpected_keys:
-            raise CheckpointError(f"model{i}: state dict mismatch after load: missing {miss[:8]}, "
-                                  f"unexpected {result.unexpected_keys[:8]}")
+            raise CheckpointError(
+                f"model{i}: state dict mismatch after load: missing {miss[:8]}, "
+                f"unexpected {result.unexpected_keys[:8]}"
+            )
 
     if want_opt:
         _load_optimizer_state(optimizer, loaded["optimizer"])
@@ -914,12 +1004,22 @@ def load_checkpoint(path: Union[str, Path], model_chunks: Sequence[torch.nn.Modu
     info = _rank_state(ckpt, meta, weights_only, seed)
     out = {} if weights_only else dict(loaded.get("extra_state") or {})
     out[RANK_LOCAL] = info.pop(RANK_LOCAL)
-    out[META_KEY] = {"step": meta["step"], "path": str(ckpt), "layout": meta["layout"],
-                     "config": meta.get("config"), "allowed_missing": unexpected, **info}
+    out[META_KEY] = {
+        "step": meta["step"],
+        "path": str(ckpt),
+        "layout": meta["layout"],
+        "config": meta.get("config"),
+        "allowed_missing": unexpected,
+        **info,
+    }
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
-        log.info("loaded checkpoint %s (step %d, rng %s)", ckpt, meta["step"],
-                 "restored" if info["rng_restored"] else "re-seeded")
+        log.info(
+            "loaded checkpoint %s (step %d, rng %s)",
+            ckpt,
+            meta["step"],
+            "restored" if info["rng_restored"] else "re-seeded",
+        )
     return out
 
 
@@ -931,8 +1031,9 @@ _SIGNAL_RECEIVED: Optional[int] = None
 def _on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
     global _SIGNAL_RECEIVED
     _SIGNAL_RECEIVED = signum
-    log.warning("received signal %d: will save a checkpoint and exit at the next step boundary",
-                signum)
+    log.warning(
+        "received signal %d: will save a checkpoint and exit at the next step boundary", signum
+    )
 
 
 def install_signal_handlers(signals: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1)) -> dict:

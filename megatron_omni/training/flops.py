@@ -38,8 +38,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
-from ..config.schema import (AudioConfig, LLMConfig, ModelConfig, OmniConfig, StageConfig,
-                             VisionConfig)
+from ..config.schema import (
+    AudioConfig,
+    LLMConfig,
+    ModelConfig,
+    OmniConfig,
+    StageConfig,
+    VisionConfig,
+)
 from ..config.validate import padded_vocab_size
 
 __all__ = [

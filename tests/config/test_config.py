@@ -2,9 +2,17 @@
 
 import pytest
 
-from megatron_omni.config import (ConfigError, LLMConfig, OmniConfig, field_docs, load_config,
-                                  padded_vocab_size, parse_overrides, validate)
-from megatron_omni.config import schema
+from megatron_omni.config import (
+    ConfigError,
+    LLMConfig,
+    OmniConfig,
+    field_docs,
+    load_config,
+    padded_vocab_size,
+    parse_overrides,
+    schema,
+    validate,
+)
 
 
 def err(*overrides):

@@ -20,14 +20,27 @@ from typing import Optional
 
 import pytest
 import torch
+from dist_utils import REPO
 from safetensors.torch import save_file
 
-from dist_utils import REPO
-from megatron_omni.convert.checkpoint_io import (ShardedSafetensorsWriter, TensorSource,
-                                                 load_safetensors_dir, lora_pairs, merge_lora,
-                                                 parse_size, partial_dir)
-from megatron_omni.convert.param_map import (ConversionError, export_tensors, full_from_plans,
-                                             llama_links, read_local, sanm_links, vision_links)
+from megatron_omni.convert.checkpoint_io import (
+    ShardedSafetensorsWriter,
+    TensorSource,
+    load_safetensors_dir,
+    lora_pairs,
+    merge_lora,
+    parse_size,
+    partial_dir,
+)
+from megatron_omni.convert.param_map import (
+    ConversionError,
+    export_tensors,
+    full_from_plans,
+    llama_links,
+    read_local,
+    sanm_links,
+    vision_links,
+)
 
 TOOL = REPO / "tools" / "convert_checkpoint.py"
 
@@ -119,8 +132,8 @@ def make_funasr(d: Path, seed: int = 5) -> dict:
 def fake_llama_dir(d: Path, vocab: int = 40, rope_scaling: Optional[dict] = None) -> dict:
     """A small Llama directory written without transformers (random tensors of the right
     shapes): for the refusal tests."""
-    from megatron_omni.convert.llama import megatron_to_hf
     from megatron_omni.config import LLMConfig
+    from megatron_omni.convert.llama import megatron_to_hf
 
     llm = LLMConfig(num_layers=1, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2,
                     num_query_groups=1, vocab_size=vocab, mrope_section=[1, 1, 2])
@@ -188,8 +201,7 @@ def test_row_plans_match_the_adapters_and_tp_slices(tmp_path):
     follows sharding.py's rules, and export_tensors inverts them."""
     from megatron_omni.config import LLMConfig, VisionConfig
     from megatron_omni.convert.llama import hf_to_megatron, megatron_to_hf
-    from megatron_omni.convert.qwen2vl import (expected_hf_vision_shapes, hf_to_vision,
-                                               vision_to_hf)
+    from megatron_omni.convert.qwen2vl import expected_hf_vision_shapes, hf_to_vision, vision_to_hf
     from megatron_omni.convert.sanm import expected_sanm_shapes, sanm_from_funasr
     from megatron_omni.convert.sharding import shard_tensor
     from megatron_omni.models.audio import SANMConfig
@@ -429,8 +441,11 @@ def test_release_fixture_imports_and_exports_key_for_key(single_rank, tmp_path):
     `megatron_omni` block aside; the audio projector depth comes from mlp_depths."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_omni.convert.release import (build_model_from_release, omni_config_from_release,
-                                               omni_to_release_state)
+    from megatron_omni.convert.release import (
+        build_model_from_release,
+        omni_config_from_release,
+        omni_to_release_state,
+    )
     from megatron_omni.models.omni import special_token_ids
 
     conf = json.loads(RELEASE_FIXTURE.read_text())
@@ -511,10 +526,11 @@ def test_release_config_reads_their_variants_and_refuses_bad_ids():
 
 
 def test_release_config_describes_the_model():
+    from omni_batch import tiny_omni_cfg
+
     from megatron_omni.config import to_dict
     from megatron_omni.convert.release import omni_config_from_release, release_config
     from megatron_omni.models.omni import special_token_ids
-    from omni_batch import tiny_omni_cfg
 
     cfg = tiny_omni_cfg("model.projector.vision_depth=2", "model.projector.audio_depth=2",
                         "model.vision.merger_hidden_size=48", "model.audio.sanm_shift=1")
@@ -601,12 +617,15 @@ def test_release_import_export_round_trip(single_rank, tmp_path):
     """(d): a release directory -> import (TP=1, this process) -> export: identical tensors; the
     export loads into a model built from its config.json with strict key matching."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megatron_omni.convert.release import (build_model_from_release,
-                                               load_release_into_model, omni_to_release_state,
-                                               release_config)
-    from megatron_omni.models.omni import OmniModel
     from omni_batch import tiny_omni_cfg
+
+    from megatron_omni.convert.release import (
+        build_model_from_release,
+        load_release_into_model,
+        omni_to_release_state,
+        release_config,
+    )
+    from megatron_omni.models.omni import OmniModel
 
     cfg = tiny_omni_cfg("model.projector.vision_depth=2", "model.projector.audio_depth=2",
                         "model.transformer_impl=local")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_loaders import _cfg, _loaders, data  # noqa: F401 - the shared prepared dataset
 
 from megatron_omni.data.media.backends import CPUBackend, dali_available, select_backend
 from megatron_omni.data.media.deferred import (
@@ -26,8 +27,6 @@ from megatron_omni.data.media.deferred import (
     patchify_on,
 )
 from megatron_omni.data.media.vision import ImageSettings, pixels_to_patches
-
-from test_loaders import _cfg, _loaders, data  # noqa: F401 - the shared prepared dataset
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI not importable")
 MODALITIES = ["text", "image", "video", "audio", "interleaved"]
@@ -80,7 +79,8 @@ def _assert_same(r, d, pix_exact=True):
         elif r[k].numel() and k != "vision_patches":
             # test_media's DALI-vs-CPU pixel tolerances (resized JPEG: mean 0.5, and 4 as the 99th
             # percentile rather than the max: the synthetic images' hard edges differ by up to 16
-            # after the resize; video: mean 2.5 and, resized here, 99th percentile 12 instead of 8; the
+            # after the resize; video: mean 2.5 and, resized here, 99th percentile 12 instead of 8;
+            # the
             # gpu_check dali_decode stage allows a mean of 3.0 for both), in pixel units (normalised
             # diff * 255 * std, std <= 0.2758)
             diff = ((r[k] - d[k]).abs() * 255 * 0.2758).flatten()
@@ -133,7 +133,7 @@ def test_corrupt_file_is_masked_and_counted(data):
                 # the bad sample's tokens are not trained on, the others still are
                 i = keys.index(data["truncated_key"])
                 cu = b["cu_seqlens"].tolist()
-                assert b["loss_mask"][row, cu[i]:cu[i + 1]].sum() == 0
+                assert b["loss_mask"][row, cu[i] : cu[i + 1]].sum() == 0
                 assert b["loss_mask"][row].sum() > 0
                 assert b["skipped"].get("corrupt_image", 0) >= 1
     assert hit >= 1 and dec.skipped["corrupt_image"] == hit
@@ -161,8 +161,9 @@ def test_trainer_adapter_adds_decode_skips_to_the_loader_counts(data):
     from megatron_omni.training.trainer import EnergonData
 
     src = object.__new__(EnergonData)  # its __init__ needs megatron's parallel state
-    src.loaders = _loaders(data, _cfg(data, modalities=["image"], media_backend="deferred",
-                                      packing_buffer_size=12))
+    src.loaders = _loaders(
+        data, _cfg(data, modalities=["image"], media_backend="deferred", packing_buffer_size=12)
+    )
     src.decoder, src.skipped_total = TrainingDecoder(CPUBackend(), "cpu"), 0
     hits = 0
     for _ in range(8):

@@ -12,8 +12,13 @@ from __future__ import annotations
 import pytest
 
 from megatron_omni.config import load_config
-from megatron_omni.data.dp_balance import (BalancedSteps, CostModel, balance_step,
-                                           contiguous_step, imbalance)
+from megatron_omni.data.dp_balance import (
+    BalancedSteps,
+    CostModel,
+    balance_step,
+    contiguous_step,
+    imbalance,
+)
 from megatron_omni.data.packing import PackingConfig, SampleInfo, pack_samples, realistic_mix
 from megatron_omni.plan import load_model_config
 from megatron_omni.training.flops import llm_forward_flops, sanm_forward_flops, vit_forward_flops

@@ -7,7 +7,8 @@ where DALI does not import.
 Tolerances between backends (both decode the same bytes):
   * PNG, WAV, FLAC: exact.
   * JPEG: max |diff| <= 2 (DALI's nvImageCodec/libjpeg-turbo vs Pillow's libjpeg; identical here).
-  * resize inside the decoder (DALI fn.resize cubic+antialias vs Pillow BICUBIC): max <= 4, mean <= 0.5.
+  * resize inside the decoder (DALI fn.resize cubic+antialias vs Pillow BICUBIC): max <= 4,
+    mean <= 0.5.
   * video frames (DALI's FFmpeg-based CPU decoder vs PyAV + swscale): mean |diff| <= 2.5, and
     99 % of values within 8 (different YUV->RGB conversion / chroma upsampling).
 """
@@ -93,19 +94,31 @@ def media(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("media")
     m = {}
-    for name, (h, w) in {"small": (56, 84), "wide": (123, 1000), "tiny": (20, 30), "mid": (300, 457)}.items():
+    for name, (h, w) in {
+        "small": (56, 84),
+        "wide": (123, 1000),
+        "tiny": (20, 30),
+        "mid": (300, 457),
+    }.items():
         Image.fromarray(_smooth_rgb(h, w, seed=h)).save(d / f"{name}.png")
         m[f"{name}.png"] = d / f"{name}.png"
     Image.fromarray(_smooth_rgb(300, 457, seed=1)).save(d / "mid.jpg", quality=90)
     Image.fromarray(_smooth_rgb(240, 200, seed=2)).convert("L").save(d / "gray.jpg", quality=85)
-    rgba = np.dstack([_smooth_rgb(77, 123, seed=3), np.linspace(0, 255, 77 * 123).reshape(77, 123).astype(np.uint8)])
+    rgba = np.dstack(
+        [
+            _smooth_rgb(77, 123, seed=3),
+            np.linspace(0, 255, 77 * 123).reshape(77, 123).astype(np.uint8),
+        ]
+    )
     Image.fromarray(rgba, "RGBA").save(d / "alpha.png")
     Image.fromarray(_smooth_rgb(3, 700, seed=4)).save(d / "ratio.png")  # 233:1
     m.update({k: d / k for k in ("mid.jpg", "gray.jpg", "alpha.png", "ratio.png")})
 
     jpg = (d / "mid.jpg").read_bytes()
     (d / "truncated.jpg").write_bytes(jpg[: len(jpg) // 2])
-    (d / "huge.png").write_bytes(_png_with_header_size((d / "small.png").read_bytes(), 20000, 20000))
+    (d / "huge.png").write_bytes(
+        _png_with_header_size((d / "small.png").read_bytes(), 20000, 20000)
+    )
     (d / "empty.wav").write_bytes(b"")
     (d / "text.mp4").write_text("this is not a video\n" * 10)
     m.update({k: d / k for k in ("truncated.jpg", "huge.png", "empty.wav", "text.mp4")})
@@ -171,7 +184,9 @@ def test_smart_resize_worked_examples():
 
 
 def test_smart_resize_agrees_with_transformers():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        smart_resize as hf_smart_resize,
+    )
 
     rng = np.random.default_rng(0)
     for _ in range(2000):
@@ -224,7 +239,9 @@ def test_patchify_layout_matches_transformers(media, processors):
         ref = hf(images=[Image.open(media[name])], return_tensors="np")
         ours = proc.image(media[name])
         assert list(ours.grid_thw) == ref["image_grid_thw"][0].tolist(), name
-        np.testing.assert_allclose(ours.patches.numpy(), ref["pixel_values"], atol=2e-6, rtol=0, err_msg=name)
+        np.testing.assert_allclose(
+            ours.patches.numpy(), ref["pixel_values"], atol=2e-6, rtol=0, err_msg=name
+        )
 
     # do_resize=False on an already 28-aligned image: patchify alone
     rgb = np.asarray(Image.open(media["small.png"]))
@@ -244,7 +261,9 @@ def test_patchify_video_layout():
         y, x = (by * 2 + my) * 14, (bx * 2 + mx) * 14
         for k in range(2):
             src = frames[min(2 * t + k, 2)]  # the odd third frame is repeated to fill the pair
-            np.testing.assert_array_equal(rows[t, by, bx, my, mx, :, k], src[:, y:y + 14, x:x + 14])
+            np.testing.assert_array_equal(
+                rows[t, by, bx, my, mx, :, k], src[:, y : y + 14, x : x + 14]
+            )
     # merge groups are 4 consecutive rows: row 1 is the patch right of row 0, row 2 the one below
     np.testing.assert_array_equal(patches[1].reshape(3, 2, 14, 14)[:, 0], frames[0][:, 0:14, 14:28])
     np.testing.assert_array_equal(patches[2].reshape(3, 2, 14, 14)[:, 0], frames[0][:, 14:28, 0:14])
@@ -265,10 +284,12 @@ def test_patchify_video_layout():
 def _snr_db(y, sr, f):
     ref = np.sin(2 * np.pi * f * np.arange(len(y)) / sr)
     e = (y - ref)[100:-100]
-    return 10 * np.log10((ref[100:-100] ** 2).sum() / (e ** 2).sum())
+    return 10 * np.log10((ref[100:-100] ** 2).sum() / (e**2).sum())
 
 
-@pytest.mark.parametrize("sr_in,f", [(44100, 1000.0), (44100, 3300.0), (8000, 1000.0), (44101, 1000.0)])
+@pytest.mark.parametrize(
+    "sr_in,f", [(44100, 1000.0), (44100, 3300.0), (8000, 1000.0), (44101, 1000.0)]
+)
 def test_resampler_keeps_tone(sr_in, f):
     x = np.sin(2 * np.pi * f * np.arange(sr_in) / sr_in)  # 1 s
     y = resample(x, sr_in, 16000)
@@ -327,7 +348,10 @@ def test_dali_video_agrees_with_cpu(media, cpu, dali, name):
     g = dali.decode_video(media[name], idx)
     assert g.shape == r.shape == (5, info.height, info.width, 3)
     diff = np.abs(g.astype(int) - r.astype(int))
-    assert diff.mean() <= 2.5 and np.percentile(diff, 99) <= 8, (diff.mean(), np.percentile(diff, 99))
+    assert diff.mean() <= 2.5 and np.percentile(diff, 99) <= 8, (
+        diff.mean(),
+        np.percentile(diff, 99),
+    )
     # the repeated index really is the same frame, and different indices are different frames
     np.testing.assert_array_equal(g[1], g[2])
     assert np.abs(g[0].astype(int) - g[4]).mean() > 10
@@ -339,18 +363,26 @@ def test_dali_h264_falls_back_to_pyav(media, cpu, dali, caplog):
     with caplog.at_level(logging.INFO, logger="megatron_omni.data.media"):
         g = dali.decode_video(media["h264.mp4"], [0, 5, 25], size=(112, 168))
         dali.decode_video(media["h264.mp4"], [1])
-    np.testing.assert_array_equal(g, cpu.decode_video(media["h264.mp4"], [0, 5, 25], size=(112, 168)))
+    np.testing.assert_array_equal(
+        g, cpu.decode_video(media["h264.mp4"], [0, 5, 25], size=(112, 168))
+    )
     notes = [r.getMessage() for r in caplog.records if "h264" in r.getMessage()]
     assert len(notes) == 1 and "PyAV" in notes[0]
 
 
 @needs_dali
 def test_dali_batch_isolates_bad_sample(media, dali):
-    out = dali.decode_images([media["mid.jpg"], media["truncated.jpg"], media["small.png"], media["huge.png"]])
+    out = dali.decode_images(
+        [media["mid.jpg"], media["truncated.jpg"], media["small.png"], media["huge.png"]]
+    )
     assert out[0].shape == (300, 457, 3) and out[2].shape == (56, 84, 3)
     assert isinstance(out[1], MediaError) and out[1].reason == "corrupt_image"
     assert isinstance(out[3], MediaError) and out[3].reason == "image_too_large"
-    assert dali.decode_image(media["mid.jpg"]).shape == (300, 457, 3)  # pipeline rebuilt after the error
+    assert dali.decode_image(media["mid.jpg"]).shape == (
+        300,
+        457,
+        3,
+    )  # pipeline rebuilt after the error
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,10 +402,14 @@ def test_probe_token_counts_equal_decoded(media, processors, backend):
         n, fps, h, w = probe_video(media[name])
         planned = proc.video_tokens(media[name])
         vi = proc.video(media[name])
-        assert planned == vi.num_tokens == video_num_tokens(n, fps, h, w) == vi.patches.shape[0] // 4, name
+        assert (
+            planned == vi.num_tokens == video_num_tokens(n, fps, h, w) == vi.patches.shape[0] // 4
+        ), name
     rnd = MediaProcessor(proc.backend, video=VideoSettings(sampling="random", num_frames=6), seed=3)
     a, b = rnd.video(media["vp9.webm"]), rnd.video(media["vp9.webm"], seed=4)
-    assert a.num_tokens == b.num_tokens == rnd.video_tokens(media["vp9.webm"]) and a.grid_thw[0] == 3
+    assert (
+        a.num_tokens == b.num_tokens == rnd.video_tokens(media["vp9.webm"]) and a.grid_thw[0] == 3
+    )
     assert not torch.equal(a.patches, b.patches)
     for name in ("stereo.wav", "mono.flac"):
         wav = proc.audio(media[name])
@@ -427,10 +463,17 @@ def test_bad_inputs_raise_media_error(media, processors, backend):
         small_cap.decode_image(media["mid.jpg"])
     assert small_cap.decode_image(media["small.png"]).shape == (56, 84, 3)
     err = pickle.loads(pickle.dumps(MediaError("corrupt_image", "bad", "x.jpg")))
-    assert (err.reason, err.source, str(err)) == ("corrupt_image", "x.jpg", "corrupt_image: bad [x.jpg]")
+    assert (err.reason, err.source, str(err)) == (
+        "corrupt_image",
+        "x.jpg",
+        "corrupt_image: bad [x.jpg]",
+    )
     # batch API: errors come back in place, good items still decode
     out = proc.images([media["small.png"], media["missing"], media["truncated.jpg"]])
-    assert out[0].num_tokens == 117 and [o.reason for o in out[1:]] == ["missing_file", "corrupt_image"]
+    assert out[0].num_tokens == 117 and [o.reason for o in out[1:]] == [
+        "missing_file",
+        "corrupt_image",
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,7 +491,9 @@ def test_select_backend(monkeypatch, caplog):
     with pytest.raises(ValueError, match="'auto', 'dali' or 'cpu'"):
         select_backend("gpu-magic")
 
-    monkeypatch.setattr(B, "_dali_state", {"mod": None, "err": ImportError("no module named nvidia.dali")})
+    monkeypatch.setattr(
+        B, "_dali_state", {"mod": None, "err": ImportError("no module named nvidia.dali")}
+    )
     assert isinstance(select_backend("auto"), CPUBackend)
     with pytest.raises(RuntimeError, match="DALI cannot be imported.*'cpu'"):
         select_backend("dali")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-
 from dist_utils import REPO, run_workers
 
 sys.path.insert(0, str(REPO / "tests" / "workers"))

@@ -20,7 +20,6 @@ from megatron_omni.data.packing import (
     select_samples_to_pack,
 )
 
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -149,7 +148,8 @@ def check_result(samples: list[SampleInfo], cfg: PackingConfig, res) -> None:
 
 
 def rows_key(rows):
-    return [(r.sample_ids, r.lengths, r.cu_seqlens.tolist(), r.cu_seqlens_padded.tolist(), r.num_pad) for r in rows]
+    return [(r.sample_ids, r.lengths, r.cu_seqlens.tolist(), r.cu_seqlens_padded.tolist(),
+             r.num_pad) for r in rows]
 
 
 # ----------------------------------------------------------------------------- properties
@@ -178,7 +178,9 @@ def test_auto_never_worse_than_first_fit_and_beats_naive_on_realistic_mix():
         samples = realistic_mix(400, seed)
         for S in (4096, 8192):
             for mi, mp in [(None, None), (4, 24576), (2, None)]:
-                base = dict(seq_length=S, max_images_per_row=mi, max_patches_per_row=mp, truncate_text=True)
+                base = dict(
+                    seq_length=S, max_images_per_row=mi, max_patches_per_row=mp, truncate_text=True
+                )
                 ours = pack_samples(samples, PackingConfig(**base)).stats
                 ff = pack_samples(samples, PackingConfig(**base, strategy="first_fit")).stats
                 naive = pack_samples(samples, PackingConfig(**base, strategy="one_per_row")).stats
@@ -194,7 +196,9 @@ def test_best_fit_decreasing_alone_beats_first_fit_token_budget():
     for seed in range(8):
         samples = realistic_mix(400, seed)
         for S in (4096, 8192):
-            bfd = pack_samples(samples, PackingConfig(S, truncate_text=True, strategy="best_fit_decreasing"))
+            bfd = pack_samples(
+                samples, PackingConfig(S, truncate_text=True, strategy="best_fit_decreasing")
+            )
             ff = pack_samples(samples, PackingConfig(S, truncate_text=True, strategy="first_fit"))
             assert bfd.stats.rows < ff.stats.rows
 
@@ -307,12 +311,17 @@ def test_worked_example_best_fit_picks_tightest_row():
 
 
 def test_select_samples_to_pack_energon_shape():
-    samples = [{"key": k, "n": n, "img": i} for k, n, i in [("x", 6, 1), ("y", 4, 1), ("z", 4, 0), ("w", 20, 0)]]
+    samples = [
+        {"key": k, "n": n, "img": i}
+        for k, n, i in [("x", 6, 1), ("y", 4, 1), ("z", 4, 0), ("w", 20, 0)]
+    ]
     stats = PackingStats(10)
     groups = select_samples_to_pack(
         samples,
         PackingConfig(10, max_images_per_row=1),
-        info=lambda s: SampleInfo(s["key"], s["n"], s["img"], 4 * s["img"], "image" if s["img"] else "audio"),
+        info=lambda s: SampleInfo(
+            s["key"], s["n"], s["img"], 4 * s["img"], "image" if s["img"] else "audio"
+        ),
         stats=stats,
     )
     assert [[s["key"] for s in g] for g in groups] == [["x", "z"], ["y"]]

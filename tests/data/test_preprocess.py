@@ -10,9 +10,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from megatron.energon import (Cooker, TaskEncoder, WorkerConfig, get_loader, get_val_dataset,
-                              reraise_exception, stateless)
+from megatron.energon import (
+    Cooker,
+    TaskEncoder,
+    WorkerConfig,
+    get_loader,
+    get_val_dataset,
+    reraise_exception,
+    stateless,
+)
 
+from megatron_omni.data.loaders import cook_omni_sample
 from megatron_omni.data.media import CPUBackend, MediaProcessor
 from megatron_omni.data.preprocess import (
     PreprocessConfig,
@@ -25,17 +33,14 @@ from megatron_omni.data.preprocess import (
     template_config_from,
     video_settings_from,
 )
-from megatron_omni.data.loaders import cook_omni_sample
 from megatron_omni.data.templates import template_sample
 from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
-from make_synthetic_dataset import MODALITIES, corpus_texts, make_synthetic_dataset  # noqa: E402
 import preprocess_data  # noqa: E402
-
-
+from make_synthetic_dataset import MODALITIES, corpus_texts, make_synthetic_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")

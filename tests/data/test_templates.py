@@ -95,11 +95,15 @@ def test_default_and_configurable_system_prompt(tok):
     text = tok.decode(template_chat(sample, tok).input_ids)
     assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
                            + DEFAULT_SYSTEM_PROMPT + "<|eot_id|><|start_header_id|>user")
-    text = tok.decode(template_chat(sample, tok, config=TemplateConfig(system_prompt="Custom.")).input_ids)
+    text = tok.decode(
+        template_chat(sample, tok, config=TemplateConfig(system_prompt="Custom.")).input_ids
+    )
     assert "\n\nCustom.<|eot_id|>" in text and DEFAULT_SYSTEM_PROMPT not in text
     text = tok.decode(template_chat(sample, tok, config=NO_SYS).input_ids)
-    assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>")
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>"
+    )
     # The sample's own system message replaces the default; an empty one removes the turn.
     text = tok.decode(template_chat(chat(("S", "Mine."), ("U", "Hi"), ("A", "Yo")), tok).input_ids)
     assert "Mine." in text and DEFAULT_SYSTEM_PROMPT not in text
@@ -120,11 +124,12 @@ def test_content_is_trimmed_like_llama3(tok):
 
 def _assistant_regions(tok, ids):
     """[start, end) of every assistant answer (content + <|eot_id|>), found from the headers."""
-    header = ([tok.start_header_id] + tok.encode("assistant") + [tok.end_header_id]
-              + tok.encode("\n\n"))
+    header = (
+        [tok.start_header_id] + tok.encode("assistant") + [tok.end_header_id] + tok.encode("\n\n")
+    )
     regions = []
     for i in range(len(ids)):
-        if ids[i:i + len(header)] == header:
+        if ids[i : i + len(header)] == header:
             start = i + len(header)
             end = ids.index(tok.eot_id, start) + 1
             regions.append((start, end))
@@ -132,8 +137,13 @@ def _assistant_regions(tok, ids):
 
 
 def test_loss_only_on_assistant_tokens_multi_turn(tok):
-    sample = chat(("U", "<image> What is this?"), ("A", "A cat."), ("U", "And the colour?"),
-                  ("A", "Red. <gen_image>a red cat</gen_image>"), images=["x.png"])
+    sample = chat(
+        ("U", "<image> What is this?"),
+        ("A", "A cat."),
+        ("U", "And the colour?"),
+        ("A", "Red. <gen_image>a red cat</gen_image>"),
+        images=["x.png"],
+    )
     out = template_chat(sample, tok, image_tokens=[3])
     regions = _assistant_regions(tok, out.input_ids)
     assert len(regions) == 2
@@ -144,15 +154,20 @@ def test_loss_only_on_assistant_tokens_multi_turn(tok):
     for i, (t, lab) in enumerate(zip(out.input_ids, out.labels)):
         assert lab == (t if expected[i] else IGNORE_INDEX)
     assert tok.decode([t for t in out.labels if t != IGNORE_INDEX]) == (
-        "A cat.<|eot_id|>Red. <gen_image>a red cat</gen_image><|eot_id|>")
+        "A cat.<|eot_id|>Red. <gen_image>a red cat</gen_image><|eot_id|>"
+    )
 
 
 def test_gen_image_span(tok):
-    out = template_chat(chat(("U", "Draw a red car."),
-                             ("A", "Here it is: <gen_image>a red car at night</gen_image>")),
-                        tok, config=NO_SYS)
+    out = template_chat(
+        chat(
+            ("U", "Draw a red car."), ("A", "Here it is: <gen_image>a red car at night</gen_image>")
+        ),
+        tok,
+        config=NO_SYS,
+    )
     s = tok.special
-    (start, end), = out.gen_image_spans
+    ((start, end),) = out.gen_image_spans
     assert out.input_ids[start] == s.gen_image_start and out.input_ids[end - 1] == s.gen_image_end
     assert tok.decode(out.input_ids[start:end]) == "<gen_image>a red car at night</gen_image>"
     assert out.input_ids[end] == tok.eot_id
@@ -164,27 +179,34 @@ def test_gen_image_span(tok):
 
 def test_gen_audio_span_after_text(tok):
     codes = [5, 0, 4095, 17]
-    out = template_chat(chat(("U", "Say hi."), ("A", "Hello world!"), speech_tokens=codes), tok,
-                        config=NO_SYS)
+    out = template_chat(
+        chat(("U", "Say hi."), ("A", "Hello world!"), speech_tokens=codes), tok, config=NO_SYS
+    )
     s = tok.special
-    (start, end), = out.gen_audio_spans
-    assert out.input_ids[start:end] == ([s.gen_audio_start] + [s.speech_offset + c for c in codes]
-                                        + [s.gen_audio_end])
+    ((start, end),) = out.gen_audio_spans
+    assert out.input_ids[start:end] == (
+        [s.gen_audio_start] + [s.speech_offset + c for c in codes] + [s.gen_audio_end]
+    )
     # Text, then the speech block directly, then <|eot_id|>; all of it in the loss.
     assert tok.decode(out.input_ids).endswith(
         "assistant<|end_header_id|>\n\nHello world!<gen_audio><speech_5><speech_0><speech_4095>"
-        "<speech_17></gen_audio><|eot_id|>")
-    assert out.labels[start:end + 1] == out.input_ids[start:end + 1]
+        "<speech_17></gen_audio><|eot_id|>"
+    )
+    assert out.labels[start : end + 1] == out.input_ids[start : end + 1]
     assert out.gen_audio_mask() == [start <= i < end for i in range(len(out))]
-    assert all(s.is_speech(t) for t in out.input_ids[start + 1:end - 1])
+    assert all(s.is_speech(t) for t in out.input_ids[start + 1 : end - 1])
 
 
 def test_speech_only_answer_and_per_message_speech(tok):
-    sample = {"messages": [{"role": "user", "content": "<audio>"},
-                           {"role": "assistant", "content": "", "speech_tokens": [1, 2]},
-                           {"role": "user", "content": "Again."},
-                           {"role": "assistant", "content": "OK.", "speech_tokens": [3]}],
-              "audios": ["q.wav"]}
+    sample = {
+        "messages": [
+            {"role": "user", "content": "<audio>"},
+            {"role": "assistant", "content": "", "speech_tokens": [1, 2]},
+            {"role": "user", "content": "Again."},
+            {"role": "assistant", "content": "OK.", "speech_tokens": [3]},
+        ],
+        "audios": ["q.wav"],
+    }
     out = template_chat(sample, tok, config=NO_SYS)
     assert len(out.gen_audio_spans) == 2
     (a0, a1), (b0, b1) = out.gen_audio_spans
@@ -197,41 +219,82 @@ def test_speech_only_answer_and_per_message_speech(tok):
 
 
 def test_media_blocks_and_order(tok):
-    sample = chat(("U", "First <image> then <image>, a clip <video> and a sound <audio>."),
-                  ("A", "Done."), images=["a.png", "b.png"], videos=["v.mp4"], audios=["s.wav"])
+    sample = chat(
+        ("U", "First <image> then <image>, a clip <video> and a sound <audio>."),
+        ("A", "Done."),
+        images=["a.png", "b.png"],
+        videos=["v.mp4"],
+        audios=["s.wav"],
+    )
     out = template_chat(sample, tok, image_tokens=[2, 5], video_tokens=[7], config=NO_SYS)
     text = tok.decode(out.input_ids)
-    assert ("First " + patches("image", 2) + " then " + patches("image", 5) + ", a clip "
-            + patches("video", 7) + " and a sound " + patches("audio", 256) + ".") in text
+    assert (
+        "First "
+        + patches("image", 2)
+        + " then "
+        + patches("image", 5)
+        + ", a clip "
+        + patches("video", 7)
+        + " and a sound "
+        + patches("audio", 256)
+        + "."
+    ) in text
     s = tok.special
     assert out.input_ids.count(s.image_patch) == 7
     assert out.input_ids.count(s.video_patch) == 7
     assert out.input_ids.count(s.audio_patch) == 256
-    assert all(lab == IGNORE_INDEX for t, lab in zip(out.input_ids, out.labels)
-               if t in (s.image_patch, s.video_patch, s.audio_patch))
-    assert media_block(tok, "video", 2) == [s.video_start, s.video_patch, s.video_patch, s.video_end]
+    assert all(
+        lab == IGNORE_INDEX
+        for t, lab in zip(out.input_ids, out.labels)
+        if t in (s.image_patch, s.video_patch, s.audio_patch)
+    )
+    assert media_block(tok, "video", 2) == [
+        s.video_start,
+        s.video_patch,
+        s.video_patch,
+        s.video_end,
+    ]
 
 
 def test_placeholders_prepended_when_none_inline(tok):
-    sample = chat(("U", "Compare them."), ("A", "Same."),
-                  images=["a.png", "b.png"], videos=["v.mp4"], audios=["s.wav"])
+    sample = chat(
+        ("U", "Compare them."),
+        ("A", "Same."),
+        images=["a.png", "b.png"],
+        videos=["v.mp4"],
+        audios=["s.wav"],
+    )
     out = template_chat(sample, tok, image_tokens=[1, 2], video_tokens=[3], config=NO_SYS)
     assert tok.decode(out.input_ids).startswith(
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
-        + patches("image", 1) + "\n" + patches("image", 2) + "\n" + patches("video", 3) + "\n"
-        + patches("audio", 256) + "\nCompare them.<|eot_id|>")
+        + patches("image", 1)
+        + "\n"
+        + patches("image", 2)
+        + "\n"
+        + patches("video", 3)
+        + "\n"
+        + patches("audio", 256)
+        + "\nCompare them.<|eot_id|>"
+    )
 
 
 def test_prepend_rule_is_per_kind_and_goes_to_first_user_turn(tok):
     # The image is in-line (second user turn); the audio has no placeholder -> first user turn.
-    sample = chat(("U", "Listen."), ("A", "OK."), ("U", "Now look: <image>"), ("A", "Nice."),
-                  images=["a.png"], audios=["s.wav"])
+    sample = chat(
+        ("U", "Listen."),
+        ("A", "OK."),
+        ("U", "Now look: <image>"),
+        ("A", "Nice."),
+        images=["a.png"],
+        audios=["s.wav"],
+    )
     text = tok.decode(template_chat(sample, tok, image_tokens=[2], config=NO_SYS).input_ids)
     assert "user<|end_header_id|>\n\n" + patches("audio", 256) + "\nListen.<|eot_id|>" in text
     assert "Now look: " + patches("image", 2) + "<|eot_id|>" in text
     # Media only, no user text: just the blocks.
-    text = tok.decode(template_chat(chat(("U", ""), ("A", "Hi."), audios=["a.wav"]), tok,
-                                    config=NO_SYS).input_ids)
+    text = tok.decode(
+        template_chat(chat(("U", ""), ("A", "Hi."), audios=["a.wav"]), tok, config=NO_SYS).input_ids
+    )
     assert "user<|end_header_id|>\n\n" + patches("audio", 256) + "<|eot_id|>" in text
 
 
@@ -252,20 +315,35 @@ def test_pure_text(tok):
     assert count_tokens({"text": "Hello world! A cat."}, tok) == len(out)
 
 
-@pytest.mark.parametrize("prompt", ["What is this? <image>",
-                                    [{"role": "user", "content": "Hi"},
-                                     {"role": "assistant", "content": "Hello"},
-                                     {"role": "user", "content": "What is this? <image>"}]])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "What is this? <image>",
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "What is this? <image>"},
+        ],
+    ],
+)
 def test_preference_pair(tok, prompt):
-    sample = {"prompt": prompt, "chosen": "A red cat.", "rejected": "A dog, <gen_image>a dog</gen_image>",
-              "images": ["c.png"]}
+    sample = {
+        "prompt": prompt,
+        "chosen": "A red cat.",
+        "rejected": "A dog, <gen_image>a dog</gen_image>",
+        "images": ["c.png"],
+    }
     pair = template_preference(sample, tok, image_tokens=[3])
     assert isinstance(pair, PreferencePair)
     p = pair.prompt_len
     assert pair.chosen.input_ids[:p] == pair.rejected.input_ids[:p]
     assert tok.decode(pair.chosen.input_ids[:p]).endswith(
-        patches("image", 3) + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
-    for seq, answer in ((pair.chosen, "A red cat."), (pair.rejected, "A dog, <gen_image>a dog</gen_image>")):
+        patches("image", 3) + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    for seq, answer in (
+        (pair.chosen, "A red cat."),
+        (pair.rejected, "A dog, <gen_image>a dog</gen_image>"),
+    ):
         assert seq.labels[:p] == [IGNORE_INDEX] * p
         assert seq.labels[p:] == seq.input_ids[p:]
         assert tok.decode(seq.input_ids[p:]) == answer + "<|eot_id|>"
@@ -276,11 +354,14 @@ def test_preference_pair(tok, prompt):
 
 
 def test_preference_prompt_gen_image_is_not_a_label_span(tok):
-    prompt = [{"role": "user", "content": "Draw"},
-              {"role": "assistant", "content": "<gen_image>x</gen_image>"},
-              {"role": "user", "content": "Again"}]
-    pair = template_preference({"prompt": prompt, "chosen": "<gen_image>y</gen_image>",
-                                "rejected": "no"}, tok)
+    prompt = [
+        {"role": "user", "content": "Draw"},
+        {"role": "assistant", "content": "<gen_image>x</gen_image>"},
+        {"role": "user", "content": "Again"},
+    ]
+    pair = template_preference(
+        {"prompt": prompt, "chosen": "<gen_image>y</gen_image>", "rejected": "no"}, tok
+    )
     assert len(pair.chosen.gen_image_spans) == 1
     assert pair.chosen.gen_image_spans[0][0] >= pair.prompt_len
     assert pair.rejected.gen_image_spans == []
@@ -297,18 +378,42 @@ def test_sample_form(tok):
 COUNT_CASES = [
     ("text", {"text": "Hello world!\n\nA cat sits."}, {}),
     ("chat", chat(("U", "Hi"), ("A", "Hello"), ("U", "Bye"), ("A", "Bye!")), {}),
-    ("image", chat(("U", "<image>\nWhat?"), ("A", "A cat."), images=["a"]), {"image_tokens": [100]}),
-    ("video", chat(("U", "Describe <video>"), ("A", "A dog runs."), videos=["v"]),
-     {"video_tokens": [1024]}),
+    (
+        "image",
+        chat(("U", "<image>\nWhat?"), ("A", "A cat."), images=["a"]),
+        {"image_tokens": [100]},
+    ),
+    (
+        "video",
+        chat(("U", "Describe <video>"), ("A", "A dog runs."), videos=["v"]),
+        {"video_tokens": [1024]},
+    ),
     ("audio", chat(("U", "Transcribe."), ("A", "Hello world."), audios=["a", "b"]), {}),
     ("speech", chat(("U", "Talk."), ("A", "Sure."), speech_tokens=list(range(50))), {}),
     ("gen_image", chat(("U", "Draw."), ("A", "<gen_image>a red car</gen_image>")), {}),
-    ("mixed", chat(("S", "Be brief."), ("U", "<image> and <image>, <video>"), ("A", "Two images."),
-                   ("U", "And this <audio>?"), ("A", "Speech.", ), images=["a", "b"],
-                   videos=["v"], audios=["s"], speech_tokens=[1, 2, 3]),
-     {"image_tokens": [4, 9], "video_tokens": [16]}),
-    ("preference", {"prompt": "<image> Which?", "chosen": "Left.", "rejected": "Right!",
-                    "images": ["a"]}, {"image_tokens": [12]}),
+    (
+        "mixed",
+        chat(
+            ("S", "Be brief."),
+            ("U", "<image> and <image>, <video>"),
+            ("A", "Two images."),
+            ("U", "And this <audio>?"),
+            (
+                "A",
+                "Speech.",
+            ),
+            images=["a", "b"],
+            videos=["v"],
+            audios=["s"],
+            speech_tokens=[1, 2, 3],
+        ),
+        {"image_tokens": [4, 9], "video_tokens": [16]},
+    ),
+    (
+        "preference",
+        {"prompt": "<image> Which?", "chosen": "Left.", "rejected": "Right!", "images": ["a"]},
+        {"image_tokens": [12]},
+    ),
 ]
 
 
@@ -329,23 +434,44 @@ def test_count_equals_real_length(tok, sp_tok, name, sample, kw, backend):
 
 U, A = ("U", "Hi"), ("A", "Hello")
 ERROR_CASES = [
-    ("placeholder_mismatch", chat(("U", "<image> <image>"), A, images=["a"]), {"image_tokens": [1]}),
-    ("placeholder_mismatch", chat(("U", "<image>"), A, images=["a", "b"]), {"image_tokens": [1, 1]}),
+    (
+        "placeholder_mismatch",
+        chat(("U", "<image> <image>"), A, images=["a"]),
+        {"image_tokens": [1]},
+    ),
+    (
+        "placeholder_mismatch",
+        chat(("U", "<image>"), A, images=["a", "b"]),
+        {"image_tokens": [1, 1]},
+    ),
     ("placeholder_mismatch", chat(("U", "<audio>"), A), {}),
     ("placeholder_mismatch", {"text": "hello", "images": ["a"]}, {"image_tokens": [1]}),
-    ("placeholder_outside_user", chat(U, ("A", "see <image>"), images=["a"]), {"image_tokens": [1]}),
+    (
+        "placeholder_outside_user",
+        chat(U, ("A", "see <image>"), images=["a"]),
+        {"image_tokens": [1]},
+    ),
     ("placeholder_outside_user", chat(("S", "<video>"), U, A, videos=["v"]), {"video_tokens": [1]}),
     ("empty_conversation", {"messages": []}, {}),
     ("empty_conversation", {"messages": "Hi"}, {}),
     ("no_assistant_turn", chat(U, ("U", "again")), {}),
     ("no_user_turn", chat(("S", "x"), A), {}),
-    ("bad_role", {"messages": [{"role": "human", "content": "Hi"}, {"role": "assistant",
-                                                                      "content": "x"}]}, {}),
+    (
+        "bad_role",
+        {"messages": [{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "x"}]},
+        {},
+    ),
     ("bad_role", {"messages": [{"role": None, "content": "Hi"}]}, {}),
-    ("non_string_content", {"messages": [{"role": "user", "content": ["Hi"]},
-                                         {"role": "assistant", "content": "x"}]}, {}),
-    ("non_string_content", {"messages": [{"role": "user", "content": "Hi"},
-                                         {"role": "assistant", "content": None}]}, {}),
+    (
+        "non_string_content",
+        {"messages": [{"role": "user", "content": ["Hi"]}, {"role": "assistant", "content": "x"}]},
+        {},
+    ),
+    (
+        "non_string_content",
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]},
+        {},
+    ),
     ("non_string_content", {"text": 5}, {}),
     ("non_string_content", {"prompt": "q", "chosen": 1, "rejected": "b"}, {}),
     ("bad_message", {"messages": ["Hi"]}, {}),
@@ -358,9 +484,15 @@ ERROR_CASES = [
     ("unknown_format", {}, {}),
     ("unknown_format", {"messages": [], "text": "x"}, {}),
     ("bad_preference", {"prompt": "q", "chosen": "a"}, {}),
-    ("bad_preference", {"prompt": [{"role": "user", "content": "q"},
-                                   {"role": "assistant", "content": "a"}],
-                        "chosen": "a", "rejected": "b"}, {}),
+    (
+        "bad_preference",
+        {
+            "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "chosen": "a",
+            "rejected": "b",
+        },
+        {},
+    ),
     ("bad_media_field", chat(U, A, images="a.png"), {}),
     ("bad_media_field", chat(U, A, audios=[3]), {}),
     ("media_tokens_mismatch", chat(("U", "<image>"), A, images=["a"]), {}),
@@ -380,17 +512,34 @@ ERROR_CASES = [
     ("bad_speech_tokens", chat(U, A, speech_tokens=[-1]), {}),
     ("bad_speech_tokens", chat(U, A, speech_tokens=["1"]), {}),
     ("bad_speech_tokens", chat(U, A, speech_tokens=[True]), {}),
-    ("bad_speech_tokens", {"messages": [{"role": "user", "content": "x", "speech_tokens": [1]},
-                                        {"role": "assistant", "content": "y"}]}, {}),
-    ("bad_speech_tokens", {"messages": [{"role": "user", "content": "x"},
-                                        {"role": "assistant", "content": "y", "speech_tokens": [1]}],
-                           "speech_tokens": [2]}, {}),
+    (
+        "bad_speech_tokens",
+        {
+            "messages": [
+                {"role": "user", "content": "x", "speech_tokens": [1]},
+                {"role": "assistant", "content": "y"},
+            ]
+        },
+        {},
+    ),
+    (
+        "bad_speech_tokens",
+        {
+            "messages": [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": "y", "speech_tokens": [1]},
+            ],
+            "speech_tokens": [2],
+        },
+        {},
+    ),
     ("bad_speech_tokens", {"text": "x", "speech_tokens": [1]}, {}),
 ]
 
 
-@pytest.mark.parametrize("reason,sample,kw", ERROR_CASES,
-                         ids=[f"{c[0]}-{i}" for i, c in enumerate(ERROR_CASES)])
+@pytest.mark.parametrize(
+    "reason,sample,kw", ERROR_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(ERROR_CASES)]
+)
 def test_errors(tok, reason, sample, kw):
     assert reason in SKIP_REASONS
     with pytest.raises(SampleError) as e:

@@ -146,11 +146,13 @@ def test_chat_tokens_from_base_when_present(files, toks):
     assert chat.end_header == raw.token_to_id("<|end_header_id|>")
     assert chat.eot == raw.token_to_id("<|eot_id|>") == tok.eot_id
     assert chat.pad == raw.token_to_id("<|finetune_right_pad_id|>") == tok.pad_id
-    assert max(chat.bos, chat.eos, chat.start_header, chat.end_header, chat.eot) < tok.base_vocab_size
+    ids = (chat.bos, chat.eos, chat.start_header, chat.end_header, chat.eot)
+    assert max(ids) < tok.base_vocab_size
     # The reserved slots stay reserved.
     base = tok.base_vocab_size
     assert [tok.id_to_token(base + i) for i in (*range(11), 19, 28)] == [
-        f"<|omni_reserved_{i}|>" for i in (*range(11), 19, 28)]
+        f"<|omni_reserved_{i}|>" for i in (*range(11), 19, 28)
+    ]
     assert tok.encode("<|eot_id|>") == [chat.eot]
 
 
@@ -158,15 +160,27 @@ def test_chat_tokens_from_base_when_present(files, toks):
 def test_chat_tokens_appended_in_reserved_slots(toks, name):
     tok = toks[name]
     base = tok.base_vocab_size
-    expected = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|start_header_id|>": 2,
-                "<|end_header_id|>": 3, "<|eot_id|>": 4, "<|pad|>": 5}
+    expected = {
+        "<|begin_of_text|>": 0,
+        "<|end_of_text|>": 1,
+        "<|start_header_id|>": 2,
+        "<|end_header_id|>": 3,
+        "<|eot_id|>": 4,
+        "<|pad|>": 5,
+    }
     assert tok.chat.appended == frozenset(expected)
     for token, offset in expected.items():
         assert tok.token_to_id(token) == base + offset
         assert tok.encode(token) == [base + offset]
         assert tok.id_to_token(base + offset) == token
-    assert (tok.bos_id, tok.eos_id, tok.start_header_id, tok.end_header_id, tok.eot_id,
-            tok.pad_id) == tuple(base + i for i in range(6))
+    assert (
+        tok.bos_id,
+        tok.eos_id,
+        tok.start_header_id,
+        tok.end_header_id,
+        tok.eot_id,
+        tok.pad_id,
+    ) == tuple(base + i for i in range(6))
     # Slots 6..10 keep their reserved names; the ones taken no longer exist by name.
     assert tok.token_to_id("<|omni_reserved_6|>") == base + 6
     with pytest.raises(KeyError):
@@ -180,8 +194,15 @@ def test_round_trip_with_special_tokens(toks, name):
     assert tok.decode(ids) == ROUND_TRIP
     base = tok.base_vocab_size
     appended = [tok.id_to_token(i) for i in ids if i >= base]
-    assert appended == ["<image>", "<video>", "<audio>", "</audio>", "</gen_audio>", "<speech_0>",
-                        "<speech_4095>"] + (["<|eot_id|>"] if name != "hf_llama3" else [])
+    assert appended == [
+        "<image>",
+        "<video>",
+        "<audio>",
+        "</audio>",
+        "</gen_audio>",
+        "<speech_0>",
+        "<speech_4095>",
+    ] + (["<|eot_id|>"] if name != "hf_llama3" else [])
     assert ids.count(tok.eot_id) == 1
     # "<foo>" and an out-of-codebook code stay plain text.
     assert tok.decode(tok.encode("<foo><speech_4096>")) == "<foo><speech_4096>"
@@ -217,7 +238,9 @@ def test_bos_eos_only_when_asked(toks, name):
     plain = tok.encode("hello world")
     assert tok.bos_id not in plain and tok.eos_id not in plain
     assert tok.encode("hello world", add_bos=True) == [tok.bos_id] + plain
-    assert tok.encode("hello world", add_bos=True, add_eos=True) == [tok.bos_id] + plain + [tok.eos_id]
+    assert tok.encode("hello world", add_bos=True, add_eos=True) == [tok.bos_id] + plain + [
+        tok.eos_id
+    ]
 
 
 @pytest.mark.parametrize("name", EXACT)

@@ -119,8 +119,7 @@ def test_cli_help():
 def prepared(tmp_path_factory, single_rank):
     """A tiny prepared dataset (text, image, audio; 3 held-out samples each) and a random
     checkpoint whose saved config points at it."""
-    from make_synthetic_dataset import corpus_texts
-    from make_synthetic_dataset import make_synthetic_dataset
+    from make_synthetic_dataset import corpus_texts, make_synthetic_dataset
 
     from megatron_omni.data.preprocess import discover_inputs, preprocess
     from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer

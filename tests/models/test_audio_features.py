@@ -83,7 +83,9 @@ def make_signal(kind: str, seconds: float, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("seconds", [0.3, 1.0, 3.7])
-@pytest.mark.parametrize("kind", ["sine_440", "sine_3k", "sine_7k9", "noise", "chirp", "quiet_tone"])
+@pytest.mark.parametrize(
+    "kind", ["sine_440", "sine_3k", "sine_7k9", "noise", "chirp", "quiet_tone"]
+)
 def test_fbank_matches_kaldi_native_fbank(kind, seconds):
     wave = make_signal(kind, seconds)
     ref = knf_fbank(wave)
@@ -109,10 +111,14 @@ def test_fbank_depends_on_the_int16_scale():
     """A 2x louder waveform adds exactly ln(4) to every (non-floored) log-mel bin."""
     wave = torch.from_numpy(make_signal("noise", 0.5, seed=3))
     quiet, loud = kaldi_fbank(wave, SR), kaldi_fbank(2 * wave, SR)
-    torch.testing.assert_close(loud - quiet, torch.full_like(quiet, math.log(4.0)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        loud - quiet, torch.full_like(quiet, math.log(4.0)), atol=1e-4, rtol=0
+    )
 
 
-@pytest.mark.parametrize("num_samples,frames", [(400, 1), (559, 1), (560, 2), (16000, 98), (59200, 368)])
+@pytest.mark.parametrize(
+    "num_samples,frames", [(400, 1), (559, 1), (560, 2), (16000, 98), (59200, 368)]
+)
 def test_fbank_frame_count(num_samples, frames):
     assert num_fbank_frames(num_samples) == frames
     wave = torch.from_numpy(make_signal("noise", num_samples / SR))
@@ -131,7 +137,7 @@ def lfr_reference(frames: np.ndarray, m: int = 7, n: int = 6) -> np.ndarray:
     rows = [frames[0]] * ((m - 1) // 2) + list(frames)
     out = []
     for i in range(math.ceil(len(frames) / n)):
-        window = rows[i * n: i * n + m]
+        window = rows[i * n : i * n + m]
         window = window + [rows[-1]] * (m - len(window))
         out.append(np.concatenate(window))
     return np.stack(out)
@@ -177,7 +183,9 @@ def test_cmvn_formula_and_identity():
     x = rng.standard_normal((5, 560)).astype(np.float32)
     neg_mean = rng.standard_normal(560).astype(np.float32)
     inv_std = rng.uniform(0.1, 2.0, 560).astype(np.float32)
-    out = apply_cmvn(torch.from_numpy(x), CMVN(torch.from_numpy(neg_mean), torch.from_numpy(inv_std)))
+    out = apply_cmvn(
+        torch.from_numpy(x), CMVN(torch.from_numpy(neg_mean), torch.from_numpy(inv_std))
+    )
     np.testing.assert_allclose(out.numpy(), (x + neg_mean) * inv_std, rtol=1e-6, atol=1e-6)
     assert torch.equal(apply_cmvn(torch.from_numpy(x), None), torch.from_numpy(x))
 
@@ -216,8 +224,10 @@ def test_load_cmvn_reads_am_mvn(tmp_path):
 def test_waveform_to_features_composes_the_steps():
     wave = make_signal("chirp", 1.3)
     rng = np.random.default_rng(5)
-    cmvn = CMVN(torch.from_numpy(rng.standard_normal(560).astype(np.float32)),
-                torch.from_numpy(rng.uniform(0.1, 0.3, 560).astype(np.float32)))
+    cmvn = CMVN(
+        torch.from_numpy(rng.standard_normal(560).astype(np.float32)),
+        torch.from_numpy(rng.uniform(0.1, 0.3, 560).astype(np.float32)),
+    )
     feats = waveform_to_features(torch.from_numpy(wave), SR, cmvn)
     assert torch.equal(waveform_to_features(wave, SR, cmvn), feats)  # numpy input works too
     ref = (lfr_reference(knf_fbank(wave)) + cmvn.neg_mean.numpy()) * cmvn.inv_stddev.numpy()
@@ -236,7 +246,7 @@ def test_batch_equals_single_clips():
     for i, wave in enumerate(waves):
         single = waveform_to_features(wave, SR, cmvn)
         torch.testing.assert_close(feats[i, : lengths[i]], single, atol=1e-4, rtol=1e-5)
-        assert torch.all(feats[i, lengths[i]:] == 0)
+        assert torch.all(feats[i, lengths[i] :] == 0)
 
 
 # ---------------------------------------------------------------------------- bad input

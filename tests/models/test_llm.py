@@ -8,8 +8,12 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron_omni.config import load_config
 from megatron_omni.convert.llama import hf_to_megatron, llm_config_from_hf, megatron_to_hf
 from megatron_omni.models.attention import packed_seq_params
-from megatron_omni.models.llm import (build_llm, llama3_scaled_inv_freq, llm_transformer_config,
-                                      load_full_llm_state)
+from megatron_omni.models.llm import (
+    build_llm,
+    llama3_scaled_inv_freq,
+    llm_transformer_config,
+    load_full_llm_state,
+)
 from megatron_omni.models.specs import llm_block_spec
 
 

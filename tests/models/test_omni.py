@@ -7,8 +7,14 @@ import torch.nn.functional as F
 from omni_batch import omni_batch, tiny_omni_cfg
 
 from megatron_omni.models.attention import packed_seq_params
-from megatron_omni.models.omni import (OmniModel, SpliceError, load_full_omni_state,
-                                       set_trainable, special_token_ids, token_kinds)
+from megatron_omni.models.omni import (
+    OmniModel,
+    SpliceError,
+    load_full_omni_state,
+    set_trainable,
+    special_token_ids,
+    token_kinds,
+)
 
 
 def run(model, b, **kw):

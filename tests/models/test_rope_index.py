@@ -233,9 +233,15 @@ def hf_model():
             num_key_value_heads=1,
             bos_token_id=None,
             eos_token_id=None,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [1, 1, 2],
+            },
         ),
-        vision_config=dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, spatial_merge_size=2),
+        vision_config=dict(
+            depth=1, embed_dim=16, hidden_size=16, num_heads=2, spatial_merge_size=2
+        ),
         image_token_id=IMG,
         video_token_id=VID,
         vision_start_token_id=I0,
@@ -287,11 +293,19 @@ LAYOUTS = {
     "text_image_text": [("text", 5), ("image", (1, 6, 8)), ("text", 4)],
     "image_video": [("image", (1, 4, 4)), ("video", (2, 6, 4)), ("text", 3)],
     "two_images_and_video": [
-        ("text", 2), ("image", (1, 4, 8)), ("text", 1), ("image", (1, 10, 6)),
-        ("video", (3, 4, 6)), ("text", 6),
+        ("text", 2),
+        ("image", (1, 4, 8)),
+        ("text", 1),
+        ("image", (1, 10, 6)),
+        ("video", (3, 4, 6)),
+        ("text", 6),
     ],
     "audio_between_images": [
-        ("image", (1, 8, 4)), ("audio", 5), ("text", 2), ("image", (1, 2, 2)), ("text", 1),
+        ("image", (1, 8, 4)),
+        ("audio", 5),
+        ("text", 2),
+        ("image", (1, 2, 2)),
+        ("text", 1),
     ],
 }
 

@@ -104,12 +104,16 @@ def ref_block(x, p, prefix, lengths, heads, kernel, shift, residual, quirk=False
     attn = ref_linear(context, p, prefix + "self_attn.linear_out") + memory
     x = x + attn if residual else attn
     z = ref_layer_norm(x, p[prefix + "norm2.weight"], p[prefix + "norm2.bias"])
-    ffn = ref_linear(torch.relu(ref_linear(z, p, prefix + "feed_forward.w_1")), p, prefix + "feed_forward.w_2")
+    ffn = ref_linear(
+        torch.relu(ref_linear(z, p, prefix + "feed_forward.w_1")), p, prefix + "feed_forward.w_2"
+    )
     return x + ffn
 
 
 def ref_encoder(features, lengths, p, cfg, quirk=False):
-    x = features.double() * math.sqrt(cfg.output_size) + ref_positions(features.shape[1], cfg.input_size)
+    x = features.double() * math.sqrt(cfg.output_size) + ref_positions(
+        features.shape[1], cfg.input_size
+    )
     p = {k: v.double() for k, v in p.items()}
     args = (lengths, cfg.attention_heads, cfg.kernel_size, cfg.sanm_shift)
     x = ref_block(x, p, "encoders0.0.", *args, residual=False, quirk=quirk)
@@ -124,7 +128,11 @@ def randomized(cfg, seed=0):
     model = SANMEncoder(cfg)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "after_norm.weight":
+            if (
+                name.endswith("norm1.weight")
+                or name.endswith("norm2.weight")
+                or name == "after_norm.weight"
+            ):
                 param.copy_(1.0 + 0.2 * torch.randn_like(param))
             elif name.endswith("bias"):
                 param.copy_(0.1 * torch.randn_like(param))
@@ -165,7 +173,7 @@ def test_padded_batch_equals_each_clip_alone():
     feats, lengths = padded_batch(cfg, [12, 5, 1, 8], seed=4)
     out, _ = model(feats, lengths)
     for b, n in enumerate(lengths.tolist()):
-        alone, _ = model(feats[b: b + 1, :n])
+        alone, _ = model(feats[b : b + 1, :n])
         torch.testing.assert_close(out[b, :n], alone[0], atol=TOL, rtol=0)
 
 
@@ -231,7 +239,9 @@ def test_full_size_layout_matches_the_release():
     assert len(shapes) == 50 * 13 + 2
     with torch.device("meta"):
         model = SANMEncoder(SANMConfig())
-    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-12}  # FunASR's
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {
+        1e-12
+    }  # FunASR's
 
 
 # ---------------------------------------------------------------------------- adapter
@@ -290,8 +300,13 @@ def test_adapter_round_trip_release_and_inferred_config():
     ckpt = funasr_checkpoint(cfg, prefix="audio_model.encoder.", seed=2)
     ckpt["language_model.model.norm.weight"] = torch.ones(8)
     inferred = infer_sanm_config(ckpt, prefix="audio_model.encoder.", attention_heads=2)
-    got = (inferred.input_size, inferred.output_size, inferred.linear_units, inferred.num_blocks,
-           inferred.kernel_size)
+    got = (
+        inferred.input_size,
+        inferred.output_size,
+        inferred.linear_units,
+        inferred.num_blocks,
+        inferred.kernel_size,
+    )
     assert got == (560, 64, 128, 4, 7)
     ours = sanm_from_release(ckpt)  # config read off the checkpoint
     model = SANMEncoder(inferred)
@@ -306,11 +321,15 @@ def test_adapter_errors_list_the_keys():
     ckpt = funasr_checkpoint(cfg)
     unknown = dict(ckpt)
     unknown["encoder.encoders.0.self_attn.linear_k.weight"] = torch.zeros(64, 64)
-    with pytest.raises(ValueError, match=r"unknown 1 key\(s\): encoders\.0\.self_attn\.linear_k\.weight"):
+    with pytest.raises(
+        ValueError, match=r"unknown 1 key\(s\): encoders\.0\.self_attn\.linear_k\.weight"
+    ):
         sanm_from_funasr(unknown, cfg)
     missing = dict(ckpt)
     del missing["encoder.after_norm.bias"], missing["encoder.encoders.1.norm2.weight"]
-    with pytest.raises(ValueError, match=r"missing 2 key\(s\): after_norm\.bias, encoders\.1\.norm2\.weight"):
+    with pytest.raises(
+        ValueError, match=r"missing 2 key\(s\): after_norm\.bias, encoders\.1\.norm2\.weight"
+    ):
         sanm_from_funasr(missing, cfg)
     wrong = dict(ckpt)
     wrong["encoder.encoders.0.self_attn.fsmn_block.weight"] = torch.zeros(64, 1, 9)

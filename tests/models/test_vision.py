@@ -12,15 +12,26 @@ import torch
 
 from megatron_omni.config import load_config
 from megatron_omni.config.schema import VisionConfig
-from megatron_omni.convert.qwen2vl import (expected_hf_vision_shapes, from_te_layout,
-                                           hf_to_vision, shard_vision_state_dict, to_te_layout,
-                                           unshard_vision_state_dict, vision_config_from_hf,
-                                           vision_to_hf)
+from megatron_omni.convert.qwen2vl import (
+    expected_hf_vision_shapes,
+    from_te_layout,
+    hf_to_vision,
+    shard_vision_state_dict,
+    to_te_layout,
+    unshard_vision_state_dict,
+    vision_config_from_hf,
+    vision_to_hf,
+)
 from megatron_omni.convert.sharding import partition_dim
 from megatron_omni.data.media.vision import patchify
-from megatron_omni.models.vision import (VisionEncoder, _vision_config, vision_cu_seqlens,
-                                         vision_flops, vision_rotary_positions,
-                                         vision_transformer_config)
+from megatron_omni.models.vision import (
+    VisionEncoder,
+    _vision_config,
+    vision_cu_seqlens,
+    vision_flops,
+    vision_rotary_positions,
+    vision_transformer_config,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 # Items of one call: images 28x28, 56x84, 112x56 and a 4-frame 56x56 video (2 temporal slices).
@@ -29,8 +40,7 @@ SIZES = [(1, 28, 28), (1, 56, 84), (1, 112, 56), (4, 56, 56)]
 
 def hf_tower(seed=0, attn="sdpa"):
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import \
-        Qwen2VisionTransformerPretrainedModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
     cfg = Qwen2VLVisionConfig(depth=2, embed_dim=32, num_heads=2, mlp_ratio=4, hidden_size=64,
                               in_chans=3, spatial_patch_size=14, temporal_patch_size=2,

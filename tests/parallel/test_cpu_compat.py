@@ -123,7 +123,6 @@ def test_distributed_optimizer_builds_and_steps_like_adam(single_rank):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer import TransformerConfig
-
     from megatron.core.transformer.module import MegatronModule
 
     config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1,

@@ -341,8 +341,7 @@ def prepared(tmp_path_factory):
     """A synthetic corpus preprocessed by slurm/preprocess_array.sbatch as 2 array tasks (one
     folder part, one MODALITY=FILE part), then merged; records every step's outcome."""
     sys.path.insert(0, str(REPO / "tools"))
-    from make_synthetic_dataset import corpus_texts
-    from make_synthetic_dataset import MODALITIES, make_synthetic_dataset
+    from make_synthetic_dataset import MODALITIES, corpus_texts, make_synthetic_dataset
 
     from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
 
@@ -596,13 +595,21 @@ def test_stage_layouts_fit_on_h100(size):
         cfg = _load(size, s)
         p, t, d, v = cfg.parallel, cfg.training, cfg.data, cfg.model.vision
         dp = GPUS[size] // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
-        layout = Layout(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
-                        vpp=p.virtual_pipeline_model_parallel_size, dp=dp, global_batch=dp * t.num_micro_batches * len(d.modalities),
-                        first_stage_num_layers=p.first_stage_num_layers,
-                        recompute=t.recompute_granularity, distributed_optimizer=True)
+        layout = Layout(
+            tp=p.tensor_model_parallel_size,
+            pp=p.pipeline_model_parallel_size,
+            vpp=p.virtual_pipeline_model_parallel_size,
+            dp=dp,
+            global_batch=dp * t.num_micro_batches * len(d.modalities),
+            first_stage_num_layers=p.first_stage_num_layers,
+            recompute=t.recompute_granularity,
+            distributed_optimizer=True,
+        )
         for name, w in _workloads(d.seq_length).items():
-            grids = tuple(image_grid(h, w_, f, v.patch_size, v.spatial_merge_size,
-                                     v.temporal_patch_size) for h, w_, f in w.get("images", []))
+            grids = tuple(
+                image_grid(h, w_, f, v.patch_size, v.spatial_merge_size, v.temporal_patch_size)
+                for h, w_, f in w.get("images", [])
+            )
             frames = tuple(audio_encoder_frames(x) for x in w.get("audio_seconds", []))
             work = Workload(d.seq_length, w.get("samples_per_row", 1), grids, frames)
             res = plan(cfg, layout, work, "h100", "fp8" if t.fp8 else "bf16")
@@ -612,8 +619,19 @@ def test_stage_layouts_fit_on_h100(size):
 
 def test_plan_cli_accepts_stage_recipes():
     for size, gpus in GPUS.items():
-        r = subprocess.run([sys.executable, "tools/plan.py", "--config",
-                            f"examples/stages/{size}/pt3.yaml", "--gpus", str(gpus)],
-                           cwd=REPO, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "tools/plan.py",
+                "--config",
+                f"examples/stages/{size}/pt3.yaml",
+                "--gpus",
+                str(gpus),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         assert ": fits" in r.stdout and "DOES NOT FIT" not in r.stdout

@@ -20,7 +20,9 @@ import soundfile as sf
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("make_synthetic_dataset", REPO / "tools" / "make_synthetic_dataset.py")
+_spec = importlib.util.spec_from_file_location(
+    "make_synthetic_dataset", REPO / "tools" / "make_synthetic_dataset.py"
+)
 msd = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("make_synthetic_dataset", msd)
 _spec.loader.exec_module(msd)
@@ -88,20 +90,36 @@ def test_lines_parse_and_placeholders_match_media(ds):
         for key, ph in PLACEHOLDER.items():
             assert user.count(ph) == len(rec.get(key, [])), (name, i, key)
             for p in rec.get(key, []):
-                assert not Path(p).is_absolute() and (root / p).is_file() and (root / p).stat().st_size > 0
+                assert (
+                    not Path(p).is_absolute()
+                    and (root / p).is_file()
+                    and (root / p).stat().st_size > 0
+                )
         assert "<image>" not in msgs[1]["content"]
     assert tasks == {
-        "arithmetic", "word_order", "image_generation", "text_to_speech",
-        "image_caption", "image_qa", "video_qa", "video_caption",
-        "audio_caption", "audio_qa", "audio_qa_speech", "interleaved_qa", "interleaved_compare",
+        "arithmetic",
+        "word_order",
+        "image_generation",
+        "text_to_speech",
+        "image_caption",
+        "image_qa",
+        "video_qa",
+        "video_caption",
+        "audio_caption",
+        "audio_qa",
+        "audio_qa_speech",
+        "interleaved_qa",
+        "interleaved_compare",
     }
 
 
 def test_val_split_is_separate(ds):
     root, manifest = ds
     for mod in ("image", "video", "audio", "interleaved"):
-        media = lambda f: {p for ln in (root / f).read_text("utf-8", "replace").splitlines()  # noqa: E731
-                           for k in PLACEHOLDER if k in (r := json.loads(ln)) for p in r[k]}
+        def media(f):
+            lines = (root / f).read_text("utf-8", "replace").splitlines()
+            return {p for ln in lines for k in PLACEHOLDER if k in (r := json.loads(ln))
+                    for p in r[k]}
         assert not media(f"{mod}.jsonl") & media(f"{mod}_val.jsonl")
 
 
@@ -173,11 +191,19 @@ def test_video_shape_moves_in_labelled_direction(ds):
             assert ("red", "green", "blue")[int(np.argmax(col))] == meta["color"]
         dx = cents[-1][0] - cents[0][0]
         dy = cents[-1][1] - cents[0][1]
-        want = {"right": dx > 0.3 * w, "left": dx < -0.3 * w, "down": dy > 0.3 * h, "up": dy < -0.3 * h}
+        want = {
+            "right": dx > 0.3 * w,
+            "left": dx < -0.3 * w,
+            "down": dy > 0.3 * h,
+            "up": dy < -0.3 * h,
+        }
         assert want[meta["direction"]], (path, meta["direction"], dx, dy)
         assert abs(dy if meta["direction"] in ("left", "right") else dx) < 3
         ans = rec["messages"][1]["content"]
-        assert ans in (meta["direction"], f"a {meta['color']} {meta['shape']} moving {meta['direction']}")
+        assert ans in (
+            meta["direction"],
+            f"a {meta['color']} {meta['shape']} moving {meta['direction']}",
+        )
     assert containers == {"mjpeg", "vp8"}
     assert {p.suffix for _, (p,) in recs} == {".avi", ".webm"}
 
@@ -215,7 +241,7 @@ def test_speech_tokens_text_and_generation_lines(ds):
             lhs, rhs = rec["text"].split(" = ")
             assert eval(lhs) == int(rhs)  # noqa: S307 - "a + b" / "a - b" from our own generator
         elif rec["task"] == "word_order":
-            words, rev = rec["text"][len("reverse: "):].split(" -> ")
+            words, rev = rec["text"][len("reverse: ") :].split(" -> ")
             assert rev.split() == words.split()[::-1]
         elif rec["task"] == "image_generation":
             cap = f"a {rec['meta']['color']} {rec['meta']['shape']}"
@@ -226,7 +252,9 @@ def test_speech_tokens_text_and_generation_lines(ds):
                 n_speech += 1
                 assert m["role"] == "assistant"
                 codes = m["speech_tokens"]
-                assert codes == msd.text_to_speech_tokens(m["content"]) and len(codes) == len(m["content"])
+                assert codes == msd.text_to_speech_tokens(m["content"]) and len(codes) == len(
+                    m["content"]
+                )
                 assert all(0 <= c < manifest["speech_codebook_size"] == 64 for c in codes)
     assert n_speech >= 4
     assert msd.text_to_speech_tokens("ab ?") == [1, 2, 0, msd.SPEECH_ALPHABET.index("?")]
@@ -300,8 +328,11 @@ def test_clean_dataset_has_no_broken_lines(tmp_path):
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_deterministic_for_a_seed(ds, tmp_path):
@@ -321,6 +352,8 @@ def test_cli_help_and_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "--num-per-modality" in out and "--broken" in out and "--seed" in out
     assert msd.main([str(tmp_path), "--num-per-modality", "1", "--num-val-per-modality", "1"]) == 0
-    assert json.loads((tmp_path / "manifest.json").read_text())["files"]["video"]["train_lines"] == 1
+    assert (
+        json.loads((tmp_path / "manifest.json").read_text())["files"]["video"]["train_lines"] == 1
+    )
     with pytest.raises(FileExistsError):
         msd.main([str(tmp_path), "--num-per-modality", "1", "--no-overwrite"])

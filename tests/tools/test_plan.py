@@ -24,17 +24,48 @@ import pytest
 
 from megatron_omni.config import AudioConfig, LLMConfig, VisionConfig, load_config
 from megatron_omni.config.schema import ConfigError
-from megatron_omni.plan import (CALIBRATION, CALIBRATION_TOLERANCE, GiB, Layout, Workload,
-                                balanced_first_stage_layers, calibration_table, check_recipe,
-                                cp_comm_seconds, plan_mix, recipe_workloads,
-                                cross_entropy_seconds, dp_comm_seconds, dp_exposed_seconds,
-                                format_plan, image_grid, inflight_counts, llm_num_params,
-                                load_model_config, optimizer_seconds, p2p_seconds, plan,
-                                sanm_params, suggest, tp_comm_seconds, vit_params)
-from megatron_omni.training.flops import (PEAK_FLOPS, audio_encoder_frames,
-                                          lengths_from_cu_seqlens, llm_flops, llm_forward_flops,
-                                          mfu, omni_row_flops, peak_flops, sanm_flops,
-                                          sanm_forward_flops, vit_flops, vit_forward_flops)
+from megatron_omni.plan import (
+    CALIBRATION,
+    CALIBRATION_TOLERANCE,
+    GiB,
+    Layout,
+    Workload,
+    balanced_first_stage_layers,
+    calibration_table,
+    check_recipe,
+    cp_comm_seconds,
+    cross_entropy_seconds,
+    dp_comm_seconds,
+    dp_exposed_seconds,
+    format_plan,
+    image_grid,
+    inflight_counts,
+    llm_num_params,
+    load_model_config,
+    optimizer_seconds,
+    p2p_seconds,
+    plan,
+    plan_mix,
+    recipe_workloads,
+    sanm_params,
+    suggest,
+    tp_comm_seconds,
+    vit_params,
+)
+from megatron_omni.training.flops import (
+    PEAK_FLOPS,
+    audio_encoder_frames,
+    lengths_from_cu_seqlens,
+    llm_flops,
+    llm_forward_flops,
+    mfu,
+    omni_row_flops,
+    peak_flops,
+    sanm_flops,
+    sanm_forward_flops,
+    vit_flops,
+    vit_forward_flops,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"

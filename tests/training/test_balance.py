@@ -15,10 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_omni.training.balance import (DynamicBalancer, PlateauDetector,
-                                            adaptive_weights, all_reduce_mean_losses,
-                                            normalized_slopes, read_step_balance_file,
-                                            step_balance_weights, write_step_balance_file)
+from megatron_omni.training.balance import (
+    DynamicBalancer,
+    PlateauDetector,
+    adaptive_weights,
+    all_reduce_mean_losses,
+    normalized_slopes,
+    read_step_balance_file,
+    step_balance_weights,
+    write_step_balance_file,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 EPS = 1e-6

@@ -25,7 +25,6 @@ from omni_batch import MemoryData, omni_batch, tiny_omni_cfg
 
 from megatron_omni.parallel.device import comm_device, declared_device, off_device
 
-
 # --- the collective / model-input harness ---------------------------------------------------------
 
 @contextlib.contextmanager

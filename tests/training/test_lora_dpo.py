@@ -19,8 +19,13 @@ from pref_batch import pref_row, random_pairs
 
 from megatron_omni.models.omni import OmniModel, special_token_ids
 from megatron_omni.training.dpo import run_at_step, segment_logps
-from megatron_omni.training.lora import (adapters_disabled, apply_lora, is_lora_param,
-                                         lora_modules, trainable_share)
+from megatron_omni.training.lora import (
+    adapters_disabled,
+    apply_lora,
+    is_lora_param,
+    lora_modules,
+    trainable_share,
+)
 from megatron_omni.training.step import model_inputs
 
 

@@ -56,23 +56,51 @@ def test_nan_steps_are_skipped_then_stop(single_rank, tmp_path):
 def test_tensorboard_tags_and_log_line(single_rank, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    t, lines = make_trainer(tmp_path, "training.train_iters=5", "stage.balance=dynamic",
-                            "stage.balance_window=3", "stage.balance_scale=5.0", "stage.balance_interval=1",
-                            "stage.val_micro_batches=1")
+    t, lines = make_trainer(
+        tmp_path,
+        "training.train_iters=5",
+        "stage.balance=dynamic",
+        "stage.balance_window=3",
+        "stage.balance_scale=5.0",
+        "stage.balance_interval=1",
+        "stage.val_micro_batches=1",
+    )
     summary = t.train()
     assert summary.steps_done == 5 and math.isfinite(summary.last_losses["text"])
     ea = EventAccumulator(str(tmp_path / "tb"))
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
-    expected = {"loss/text", "loss/audio", "loss/gen_audio", "balance/weight/text",
-                "balance/weight/audio", "val/loss/text", "val/loss/audio", "lr", "grad_norm",
-                "throughput/tokens_per_sec", "throughput/tflops_per_device", "data/skipped"}
+    expected = {
+        "loss/text",
+        "loss/audio",
+        "loss/gen_audio",
+        "balance/weight/text",
+        "balance/weight/audio",
+        "val/loss/text",
+        "val/loss/audio",
+        "lr",
+        "grad_norm",
+        "throughput/tokens_per_sec",
+        "throughput/tflops_per_device",
+        "data/skipped",
+    }
     assert expected <= tags, expected - tags
     assert len(ea.Scalars("loss/text")) == 5
     step_lines = [line for line in lines if line.strip().startswith("step")]
     assert len(step_lines) == 5
-    for key in ("lr", "loss ", "text ", "gen_audio", "weights text", "grad norm", "skipped samples",
-                "tokens/s", "TFLOP/s/dev", "step time", "ETA"):
+    for key in (
+        "lr",
+        "loss ",
+        "text ",
+        "gen_audio",
+        "weights text",
+        "grad norm",
+        "skipped samples",
+        "tokens/s",
+        "TFLOP/s/dev",
+        "step time",
+        "ETA",
+    ):
         assert key in step_lines[-1], key
     # The trainer's weights are exactly what the balancer makes of the logged validation losses.
     from megatron_omni.training.balance import DynamicBalancer

@@ -65,8 +65,9 @@ def main(out_path, args):
 
     summary = export_checkpoint(at, export_dir, "release", progress=False)
     result["lora_merged"] = summary["lora_merged"]
-    from safetensors.torch import load_file
     from pathlib import Path
+
+    from safetensors.torch import load_file
 
     tensors = {}
     for f in sorted(Path(export_dir).glob("*.safetensors")):

@@ -38,8 +38,12 @@ from megatron_omni.models.attention import packed_seq_params  # noqa: E402
 from megatron_omni.models.llm import build_llm_chunks  # noqa: E402
 from megatron_omni.parallel import runtime  # noqa: E402
 from megatron_omni.training import checkpoint as ckpt  # noqa: E402
-from megatron_omni.training.optimizer import (build_optimizer, build_scheduler,  # noqa: E402
-                                              inner_optimizers, wrap_ddp)
+from megatron_omni.training.optimizer import (  # noqa: E402
+    build_optimizer,
+    build_scheduler,
+    inner_optimizers,
+    wrap_ddp,
+)
 
 torch.set_num_threads(1)
 T, M, N, K = 32, 2, 6, 3  # row length, micro-batches per step, straight steps, steps before save

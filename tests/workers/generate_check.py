@@ -75,8 +75,8 @@ def save_random_checkpoint(root: Path, ovr: list[str], seed: int = 7) -> Path:
 
 
 def write_media(tmp: Path) -> tuple[Path, Path]:
-    from PIL import Image
     import soundfile
+    from PIL import Image
 
     png, wav = tmp / "shape.png", tmp / "beep.wav"
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:

@@ -19,19 +19,25 @@ import_megatron_fast()
 
 from dist_utils import finish_worker  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.distributed import (DistributedDataParallel,  # noqa: E402
-                                       DistributedDataParallelConfig, finalize_model_grads)
+from megatron.core.distributed import (  # noqa: E402
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from omni_batch import omni_batch, tiny_omni_cfg  # noqa: E402
 from pref_batch import pref_row, random_pairs  # noqa: E402
 
 from megatron_omni.models.llm import chunk_layer_range  # noqa: E402
-from megatron_omni.models.omni import (OmniModel, build_omni_chunks,  # noqa: E402
-                                       load_full_omni_state, omni_stage_state_dict,
-                                       special_token_ids)
+from megatron_omni.models.omni import (  # noqa: E402
+    OmniModel,
+    build_omni_chunks,
+    load_full_omni_state,
+    omni_stage_state_dict,
+    special_token_ids,
+)
 from megatron_omni.parallel import runtime  # noqa: E402
 from megatron_omni.training.dpo import dpo_terms, run_at_step, segment_logps  # noqa: E402
-from megatron_omni.training.lora import (adapters_disabled, apply_lora,  # noqa: E402
-                                         is_lora_param, lora_modules)
+from megatron_omni.training.lora import adapters_disabled, apply_lora, is_lora_param, lora_modules  # noqa: E402
 from megatron_omni.training.step import model_inputs  # noqa: E402
 
 torch.set_num_threads(1)

@@ -13,15 +13,17 @@ import_megatron_fast()
 
 from dist_utils import finish_worker  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.distributed import (DistributedDataParallel,  # noqa: E402
-                                       DistributedDataParallelConfig, finalize_model_grads)
+from megatron.core.distributed import (  # noqa: E402
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from omni_batch import omni_batch, tiny_omni_cfg  # noqa: E402
 
 from megatron_omni.models.attention import packed_seq_params  # noqa: E402
 from megatron_omni.models.llm import chunk_layer_range  # noqa: E402
-from megatron_omni.models.omni import (OmniModel, load_full_omni_state,  # noqa: E402
-                                       omni_stage_state_dict)
+from megatron_omni.models.omni import OmniModel, load_full_omni_state, omni_stage_state_dict  # noqa: E402
 from megatron_omni.parallel import runtime  # noqa: E402
 
 torch.set_num_threads(1)

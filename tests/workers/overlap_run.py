@@ -27,7 +27,11 @@ def run(*extra):
                         "training.lr_warmup_iters=0", "training.log_interval=100", *extra)
     torch.manual_seed(7)
     tensor_parallel.model_parallel_cuda_manual_seed(7)
-    t = Trainer(cfg, data=MemoryData(cfg, period=5, offset=10 * torch.distributed.get_rank()), printer=lambda s: None)
+    t = Trainer(
+        cfg,
+        data=MemoryData(cfg, period=5, offset=10 * torch.distributed.get_rank()),
+        printer=lambda s: None,
+    )
     t.setup()
     torch.manual_seed(7)
     tensor_parallel.model_parallel_cuda_manual_seed(7)
@@ -41,8 +45,9 @@ def main(out_path):
     result = {
         "plain": run("training.overlap_grad_reduce=false"),
         "overlap": run("training.overlap_grad_reduce=true"),
-        "overlap_distopt": run("training.overlap_grad_reduce=true",
-                               "training.use_distributed_optimizer=true"),
+        "overlap_distopt": run(
+            "training.overlap_grad_reduce=true", "training.use_distributed_optimizer=true"
+        ),
     }
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
         with open(out_path, "w") as f:

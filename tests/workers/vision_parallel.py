@@ -24,8 +24,11 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build 
 from megatron_omni.config import load_config  # noqa: E402
 from megatron_omni.convert.qwen2vl import shard_vision_state_dict  # noqa: E402
 from megatron_omni.data.media.vision import patchify  # noqa: E402
-from megatron_omni.models.vision import (_vision_config, build_vision_encoder,  # noqa: E402
-                                         vision_transformer_config)
+from megatron_omni.models.vision import (  # noqa: E402
+    _vision_config,
+    build_vision_encoder,
+    vision_transformer_config,
+)
 from megatron_omni.parallel import runtime  # noqa: E402
 
 torch.set_num_threads(1)

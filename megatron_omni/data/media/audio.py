@@ -92,7 +92,9 @@ def _phase_table(L: int, M: int, zeros: int, rolloff: float, beta: float) -> tor
     return torch.from_numpy(taps.astype(np.float32)).unsqueeze(1)
 
 
-def _resample_table(x: np.ndarray, L: int, M: int, n_out: int, zeros: int, rolloff: float, beta: float) -> np.ndarray:
+def _resample_table(
+    x: np.ndarray, L: int, M: int, n_out: int, zeros: int, rolloff: float, beta: float
+) -> np.ndarray:
     taps = _phase_table(L, M, zeros, rolloff, beta)
     K = taps.shape[-1]
     _, _, pad = _params(L, M, zeros, rolloff)
@@ -106,7 +108,14 @@ def _resample_table(x: np.ndarray, L: int, M: int, n_out: int, zeros: int, rollo
 
 
 def _resample_direct(
-    x: np.ndarray, L: int, M: int, n_out: int, zeros: int, rolloff: float, beta: float, chunk: int = 4096
+    x: np.ndarray,
+    L: int,
+    M: int,
+    n_out: int,
+    zeros: int,
+    rolloff: float,
+    beta: float,
+    chunk: int = 4096,
 ) -> np.ndarray:
     fc, half, pad = _params(L, M, zeros, rolloff)
     xp = np.concatenate([np.zeros(pad + 1), x.astype(np.float64), np.zeros(pad + 2)])
@@ -118,7 +127,7 @@ def _resample_direct(
         t = n * (M / L)
         idx = base[:, None] + k[None, :]
         w = _kernel(idx - t[:, None], fc, half, beta)
-        out[s:s + n.size] = (xp[idx + pad + 1] * w).sum(axis=1)
+        out[s : s + n.size] = (xp[idx + pad + 1] * w).sum(axis=1)
     return out.astype(np.float32)
 
 
@@ -147,6 +156,8 @@ def resample(
     return _resample_direct(x, L, M, n_out, zeros, rolloff, beta)
 
 
-def prepare_audio(waveform: np.ndarray, sample_rate: int, target_rate: int = TARGET_SAMPLE_RATE) -> np.ndarray:
+def prepare_audio(
+    waveform: np.ndarray, sample_rate: int, target_rate: int = TARGET_SAMPLE_RATE
+) -> np.ndarray:
     """Decoder output -> what the audio front end wants: float32 mono at ``target_rate``."""
     return resample(to_mono(waveform), sample_rate, target_rate)

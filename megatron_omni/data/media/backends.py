@@ -203,14 +203,18 @@ def _pil_open(src: Source, max_pixels: int):
     except FileNotFoundError:
         raise MediaError("missing_file", "no such file", src) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise MediaError("corrupt_image", f"unrecognised image data ({type(e).__name__})", src) from None
+        raise MediaError(
+            "corrupt_image", f"unrecognised image data ({type(e).__name__})", src
+        ) from None
     w, h = im.size
     if w <= 0 or h <= 0:
         im.close()
         raise MediaError("corrupt_image", f"header size {w}x{h}", src)
     if w * h > max_pixels:
         im.close()
-        raise MediaError("image_too_large", f"header says {w}x{h} > cap of {max_pixels} pixels", src)
+        raise MediaError(
+            "image_too_large", f"header says {w}x{h} > cap of {max_pixels} pixels", src
+        )
     return im
 
 
@@ -232,7 +236,9 @@ def _av_open(src: Source):
     except FileNotFoundError:
         raise MediaError("missing_file", "no such file", src) from None
     except Exception as e:  # av.FFmpegError (a ValueError), OSError, ...
-        raise MediaError("unreadable_video", f"container cannot be opened ({type(e).__name__})", src) from None
+        raise MediaError(
+            "unreadable_video", f"container cannot be opened ({type(e).__name__})", src
+        ) from None
 
 
 def probe_video(src: Source) -> VideoInfo:
@@ -261,13 +267,17 @@ def probe_video(src: Source) -> VideoInfo:
         if fps <= 0:
             dur = (container.duration or 0) / 1e6
             if dur <= 0:
-                raise MediaError("unreadable_video", "neither frame rate nor duration is known", src)
+                raise MediaError(
+                    "unreadable_video", "neither frame rate nor duration is known", src
+                )
             fps = n / dur
         return VideoInfo(n, fps, h, w, codec)
     except MediaError:
         raise
     except Exception as e:
-        raise MediaError("unreadable_video", f"probe failed ({type(e).__name__}: {e})", src) from None
+        raise MediaError(
+            "unreadable_video", f"probe failed ({type(e).__name__}: {e})", src
+        ) from None
     finally:
         container.close()
 
@@ -281,7 +291,9 @@ def probe_audio(src: Source) -> AudioInfo:
     try:
         info = sf.info(fp)
     except Exception as e:  # soundfile.LibsndfileError (RuntimeError), OSError, ...
-        raise MediaError("unreadable_audio", f"not a readable audio file ({type(e).__name__})", src) from None
+        raise MediaError(
+            "unreadable_audio", f"not a readable audio file ({type(e).__name__})", src
+        ) from None
     if info.frames <= 0 or info.samplerate <= 0:
         raise MediaError("unreadable_audio", "audio file has no samples", src)
     return AudioInfo(int(info.frames), int(info.samplerate), int(info.channels))
@@ -301,14 +313,18 @@ def _pil_to_rgb(im, src: Source) -> np.ndarray:
         elif "A" in im.getbands() or "transparency" in im.info:
             # Same rule as transformers' convert_to_rgb: alpha composited on white.
             rgba = im.convert("RGBA")
-            rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+            rgb = Image.alpha_composite(
+                Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba
+            ).convert("RGB")
         else:
             rgb = im.convert("RGB")
         return np.array(rgb, dtype=np.uint8)
     except MemoryError:
         raise MediaError("image_too_large", "out of memory while decoding", src) from None
     except Exception as e:  # truncated / corrupt data: OSError, SyntaxError, ValueError, ...
-        raise MediaError("corrupt_image", f"decoding failed ({type(e).__name__}: {e})", src) from None
+        raise MediaError(
+            "corrupt_image", f"decoding failed ({type(e).__name__}: {e})", src
+        ) from None
 
 
 def pil_resize(rgb: np.ndarray, size: Size) -> np.ndarray:
@@ -337,7 +353,9 @@ def _check_indices(indices: Sequence[int], info: VideoInfo, src: Source) -> list
         raise MediaError("bad_frame_index", "no frame indices requested", src)
     bad = [i for i in idx if i < 0 or i >= info.num_frames]
     if bad:
-        raise MediaError("bad_frame_index", f"indices {bad[:4]} outside [0, {info.num_frames})", src)
+        raise MediaError(
+            "bad_frame_index", f"indices {bad[:4]} outside [0, {info.num_frames})", src
+        )
     return idx
 
 
@@ -359,12 +377,18 @@ def _pyav_decode_video(src: Source, indices: list[int], size: Size) -> np.ndarra
     except MediaError:
         raise
     except Exception as e:
-        raise MediaError("unreadable_video", f"decoding failed ({type(e).__name__}: {e})", src) from None
+        raise MediaError(
+            "unreadable_video", f"decoding failed ({type(e).__name__}: {e})", src
+        ) from None
     finally:
         container.close()
     missing = sorted(wanted - got.keys())
     if missing:
-        raise MediaError("unreadable_video", f"only {len(got)} of the requested frames decode (first missing {missing[0]})", src)
+        raise MediaError(
+            "unreadable_video",
+            f"only {len(got)} of the requested frames decode (first missing {missing[0]})",
+            src,
+        )
     return np.stack([got[i] for i in indices])
 
 
@@ -435,7 +459,9 @@ class MediaBackend(ABC):
     def decode_image(self, src: Source, size: Size = None) -> np.ndarray:
         return _raise_or_return(self.decode_images([src], [size])[0])
 
-    def decode_video(self, src: Source, indices: Sequence[int], size: Size = None, info: VideoInfo | None = None) -> np.ndarray:
+    def decode_video(
+        self, src: Source, indices: Sequence[int], size: Size = None, info: VideoInfo | None = None
+    ) -> np.ndarray:
         return _raise_or_return(self.decode_videos([src], [indices], [size], [info])[0])
 
     def decode_audio(self, src: Source) -> tuple[np.ndarray, int]:
@@ -487,7 +513,9 @@ class CPUBackend(MediaBackend):
 
     def decode_images(self, sources, sizes=None):
         n = len(sources)
-        return self._map(lambda s, z: _cpu_decode_image(s, z, self.max_image_pixels), sources, _fill(sizes, n))
+        return self._map(
+            lambda s, z: _cpu_decode_image(s, z, self.max_image_pixels), sources, _fill(sizes, n)
+        )
 
     def decode_videos(self, sources, indices, sizes=None, infos=None):
         n = len(sources)
@@ -548,7 +576,12 @@ class _DaliPipe:
     """
 
     def __init__(self, graph: Callable, batch_size: int, num_threads: int, device_id: int | None):
-        self.graph, self.batch_size, self.num_threads, self.device_id = graph, batch_size, num_threads, device_id
+        self.graph, self.batch_size, self.num_threads, self.device_id = (
+            graph,
+            batch_size,
+            num_threads,
+            device_id,
+        )
         self._pipe = None
         self._lock = threading.Lock()
 
@@ -591,7 +624,20 @@ class _DaliPipe:
 
 def _short(e: Exception) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if not ln.startswith(("File ", "Current pipeline", "Critical error", "Error in", "which was used", "encountered"))]
+    useful = [
+        ln
+        for ln in lines
+        if not ln.startswith(
+            (
+                "File ",
+                "Current pipeline",
+                "Critical error",
+                "Error in",
+                "which was used",
+                "encountered",
+            )
+        )
+    ]
     return (useful[-1] if useful else (lines[-1] if lines else type(e).__name__))[:200]
 
 
@@ -627,7 +673,9 @@ class DALIBackend(MediaBackend):
             raise ValueError(f"DALIBackend device must be 'auto', 'cpu' or 'gpu', got {device!r}")
         if device == "gpu":
             if not cuda_available():
-                raise RuntimeError("DALIBackend(device='gpu') needs CUDA, which is not available; use device='cpu'")
+                raise RuntimeError(
+                    "DALIBackend(device='gpu') needs CUDA, which is not available; use device='cpu'"
+                )
             if device_id is None:
                 import torch
 
@@ -643,8 +691,13 @@ class DALIBackend(MediaBackend):
         self.version = dali.__version__
 
     def describe(self) -> str:
-        where = f"GPU {self.device_id} (mixed decoders)" if self.device == "gpu" else "CPU operators"
-        return f"dali {self.version} on {where}; {self.num_threads} threads, batch <= {self.max_batch_size}"
+        where = (
+            f"GPU {self.device_id} (mixed decoders)" if self.device == "gpu" else "CPU operators"
+        )
+        return (
+            f"dali {self.version} on {where}; {self.num_threads} threads, "
+            f"batch <= {self.max_batch_size}"
+        )
 
     # pipelines -----------------------------------------------------------------------------------
     def _pipe(self, kind: str) -> _DaliPipe:
@@ -655,12 +708,21 @@ class DALIBackend(MediaBackend):
 
             def resize(x):
                 size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
-                return fn.resize(x, device=op, size=size, interp_type=types.INTERP_CUBIC, antialias=True, dtype=types.UINT8)
+                return fn.resize(
+                    x,
+                    device=op,
+                    size=size,
+                    interp_type=types.INTERP_CUBIC,
+                    antialias=True,
+                    dtype=types.UINT8,
+                )
 
             def image_graph(with_resize):
                 def g():
                     enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
-                    img = fn.decoders.image(enc, device=dec, output_type=types.RGB, adjust_orientation=False)
+                    img = fn.decoders.image(
+                        enc, device=dec, output_type=types.RGB, adjust_orientation=False
+                    )
                     return (resize(img) if with_resize else img,)
 
                 return g
@@ -686,16 +748,24 @@ class DALIBackend(MediaBackend):
                 "video_resize": video_graph(True),
                 "audio": audio_graph,
             }
-            self._pipes[kind] = _DaliPipe(graphs[kind], self.max_batch_size, self.num_threads, self.device_id)
+            self._pipes[kind] = _DaliPipe(
+                graphs[kind], self.max_batch_size, self.num_threads, self.device_id
+            )
         return self._pipes[kind]
 
-    def _run_isolated(self, kind: str, items: list[tuple[int, dict[str, np.ndarray]]], on_error: Callable[[int, Exception], MediaError]) -> dict:
+    def _run_isolated(
+        self,
+        kind: str,
+        items: list[tuple[int, dict[str, np.ndarray]]],
+        on_error: Callable[[int, Exception], MediaError],
+    ) -> dict:
         """Run ``items`` (index, feed dict) in batches; a failing batch is retried per sample so
-        only the bad sample turns into a MediaError. Returns index -> tuple of outputs | MediaError."""
+        only the bad sample turns into a MediaError. Returns index -> tuple of outputs |
+        MediaError."""
         pipe = self._pipe(kind)
         results: dict[int, Any] = {}
         for start in range(0, len(items), self.max_batch_size):
-            chunk = items[start:start + self.max_batch_size]
+            chunk = items[start : start + self.max_batch_size]
             feeds = {k: [f[k] for _, f in chunk] for k in chunk[0][1]}
             try:
                 outs = pipe.run(feeds)
@@ -737,7 +807,9 @@ class DALIBackend(MediaBackend):
             else:  # alpha / palette / exotic formats: Pillow, same rule as the CPU backend
                 pillow.append((i, data))
         if pillow:
-            decoded = self._fallback.decode_images([d for _, d in pillow], [sizes[i] for i, _ in pillow])
+            decoded = self._fallback.decode_images(
+                [d for _, d in pillow], [sizes[i] for i, _ in pillow]
+            )
             for (i, _), out in zip(pillow, decoded):
                 if isinstance(out, MediaError):
                     out.source = _describe(sources[i])
@@ -754,7 +826,11 @@ class DALIBackend(MediaBackend):
         ok = codec in (self.GPU_VIDEO_CODECS if self.device == "gpu" else self.CPU_VIDEO_CODECS)
         if not ok:
             where = "GPU" if self.device == "gpu" else "CPU"
-            log_once(f"DALI's {where} video decoder cannot decode {codec!r}; those videos are decoded with PyAV", logging.WARNING)
+            log_once(
+                f"DALI's {where} video decoder cannot decode {codec!r}; those videos are decoded "
+                "with PyAV",
+                logging.WARNING,
+            )
         return ok
 
     def decode_videos(self, sources, indices, sizes=None, infos=None):
@@ -770,8 +846,10 @@ class DALIBackend(MediaBackend):
                 if not self._dali_decodes(info.codec):
                     pyav.append((i, info))
                     continue
-                feed = {"enc": np.frombuffer(read_bytes(src, "unreadable_video"), np.uint8),
-                        "frames": np.asarray(idx, np.int32)}
+                feed = {
+                    "enc": np.frombuffer(read_bytes(src, "unreadable_video"), np.uint8),
+                    "frames": np.asarray(idx, np.int32),
+                }
                 if sizes[i] is not None:
                     feed["size"] = np.asarray(sizes[i], np.float32)
                 groups["video_resize" if sizes[i] is not None else "video"].append((i, feed))
@@ -779,7 +857,10 @@ class DALIBackend(MediaBackend):
                 results[i] = e
         if pyav:
             decoded = self._fallback.decode_videos(
-                [sources[i] for i, _ in pyav], [indices[i] for i, _ in pyav], [sizes[i] for i, _ in pyav], [inf for _, inf in pyav]
+                [sources[i] for i, _ in pyav],
+                [indices[i] for i, _ in pyav],
+                [sizes[i] for i, _ in pyav],
+                [inf for _, inf in pyav],
             )
             for (i, _), out in zip(pyav, decoded):
                 results[i] = out
@@ -788,7 +869,11 @@ class DALIBackend(MediaBackend):
                 err = lambda i, e: MediaError("unreadable_video", f"DALI: {_short(e)}", sources[i])  # noqa: E731
                 for i, out in self._run_isolated(kind, items, err).items():
                     if not isinstance(out, MediaError) and out[0].shape[0] != len(indices[i]):
-                        out = MediaError("unreadable_video", f"DALI returned {out[0].shape[0]} of {len(indices[i])} frames", sources[i])
+                        out = MediaError(
+                            "unreadable_video",
+                            f"DALI returned {out[0].shape[0]} of {len(indices[i])} frames",
+                            sources[i],
+                        )
                     results[i] = out if isinstance(out, MediaError) else out[0]
         return results
 
@@ -815,7 +900,9 @@ class DALIBackend(MediaBackend):
                 wav, sr = out
                 wav = wav.reshape(wav.shape[0], -1).astype(np.float32, copy=False)
                 if wav.shape[0] == 0:
-                    results[i] = MediaError("unreadable_audio", "audio file has no samples", sources[i])
+                    results[i] = MediaError(
+                        "unreadable_audio", "audio file has no samples", sources[i]
+                    )
                 else:
                     results[i] = (wav, int(round(float(np.asarray(sr).reshape(-1)[0]))))
         return results
@@ -845,11 +932,15 @@ def select_backend(
         err = _import_dali()[1]
         raise RuntimeError(
             f"media backend 'dali' was requested but NVIDIA DALI cannot be imported "
-            f"({type(err).__name__}: {err}); install nvidia-dali-cuda120 or set the media backend to 'cpu' or 'auto'"
+            f"({type(err).__name__}: {err}); install nvidia-dali-cuda120 or set the media backend "
+            "to 'cpu' or 'auto'"
         )
     if key == "dali" or (key == "auto" and dali_available()):
         backend: MediaBackend = DALIBackend(
-            device=dali_device, max_batch_size=max_batch_size, num_threads=num_threads, max_image_pixels=max_image_pixels
+            device=dali_device,
+            max_batch_size=max_batch_size,
+            num_threads=num_threads,
+            max_image_pixels=max_image_pixels,
         )
     else:
         backend = CPUBackend(max_image_pixels=max_image_pixels, num_threads=num_threads)

@@ -59,9 +59,11 @@ def defers_decoding(name: str) -> bool:
     key = (name or "auto").lower()
     if key == "dali_gpu":
         if not (cuda_available() and dali_available()):
-            raise RuntimeError("data.media_backend=dali_gpu needs CUDA and NVIDIA DALI in the training "
-                               "process (cuda: %s, dali: %s); set data.media_backend to 'auto' or 'cpu'"
-                               % (cuda_available(), dali_available()))
+            raise RuntimeError(
+                "data.media_backend=dali_gpu needs CUDA and NVIDIA DALI in the training "
+                "process (cuda: %s, dali: %s); set data.media_backend to 'auto' or 'cpu'"
+                % (cuda_available(), dali_available())
+            )
         return True
     if key == "deferred":
         return True
@@ -78,13 +80,13 @@ def worker_backend_name(name: str) -> str:
 class DeferredVisual:
     """An image or video still encoded, with the plan its decode must match (picklable)."""
 
-    kind: str                      # "image" | "video"
+    kind: str  # "image" | "video"
     data: bytes
-    size: tuple[int, int]          # resized (h, w)
+    size: tuple[int, int]  # resized (h, w)
     grid_thw: tuple[int, int, int]
     num_tokens: int
     settings: ImageSettings
-    indices: list | None = None    # video frame indices
+    indices: list | None = None  # video frame indices
     info: VideoInfo | None = None  # video header
     span: tuple[int, int] = (0, 0)  # tokens of its sample in the row (set when packed)
 
@@ -115,8 +117,16 @@ class DeferredMediaProcessor(MediaProcessor):
                 out.append(e)
                 continue
             grid = grid_thw_for(1, *size, self.image_settings)
-            out.append(DeferredVisual("image", _bytes(src), size, grid,
-                                      tokens_for_grid(grid, self.image_settings), self.image_settings))
+            out.append(
+                DeferredVisual(
+                    "image",
+                    _bytes(src),
+                    size,
+                    grid,
+                    tokens_for_grid(grid, self.image_settings),
+                    self.image_settings,
+                )
+            )
         return out
 
     def videos(self, sources: Sequence, seeds: Sequence | None = None) -> list:
@@ -128,12 +138,24 @@ class DeferredMediaProcessor(MediaProcessor):
             except MediaError as e:
                 out.append(e)
                 continue
-            out.append(DeferredVisual("video", _bytes(src), p.size, p.grid_thw, p.num_tokens,
-                                      self.image_settings, list(p.indices), p.info))
+            out.append(
+                DeferredVisual(
+                    "video",
+                    _bytes(src),
+                    p.size,
+                    p.grid_thw,
+                    p.num_tokens,
+                    self.image_settings,
+                    list(p.indices),
+                    p.info,
+                )
+            )
         return out
 
 
-def patchify_on(frames: torch.Tensor, s: ImageSettings) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def patchify_on(
+    frames: torch.Tensor, s: ImageSettings
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """uint8 [T, H, W, 3] (any device) -> normalised float32 patches on that device; the torch twin
     of ``vision.pixels_to_patches`` (same row/column order, same float32 scale-and-shift)."""
     if frames.dim() == 3:
@@ -151,7 +173,9 @@ def patchify_on(frames: torch.Tensor, s: ImageSettings) -> tuple[torch.Tensor, t
     raw = x.reshape(t * gh * gw, C * tp * p * p)
     std = np.asarray(s.std, np.float64)
     scale = torch.from_numpy((1.0 / (255.0 * std)).astype(np.float32)).to(raw.device)
-    shift = torch.from_numpy((-np.asarray(s.mean, np.float64) / std).astype(np.float32)).to(raw.device)
+    shift = torch.from_numpy((-np.asarray(s.mean, np.float64) / std).astype(np.float32)).to(
+        raw.device
+    )
     out = raw.to(torch.float32).reshape(raw.shape[0], C, -1)
     out = out * scale[None, :, None] + shift[None, :, None]
     return out.reshape(raw.shape), (t, gh, gw)
@@ -181,8 +205,10 @@ class TrainingDecoder:
         self.skipped: Counter = Counter()
 
     def describe(self) -> str:
-        return f"images/videos decoded in the training process by {self.backend.describe()}, " \
-               f"patchified on {self.device}"
+        return (
+            f"images/videos decoded in the training process by {self.backend.describe()}, "
+            f"patchified on {self.device}"
+        )
 
     # ------------------------------------------------------------------------- prefetch API
     def submit(self, batch: dict) -> None:
@@ -204,8 +230,9 @@ class TrainingDecoder:
         try:
             if items[0].kind == "image":
                 return self.backend.decode_images(datas, [d.size for d in items])
-            return self.backend.decode_videos(datas, [d.indices for d in items],
-                                              [d.size for d in items], [d.info for d in items])
+            return self.backend.decode_videos(
+                datas, [d.indices for d in items], [d.size for d in items], [d.info for d in items]
+            )
         except Exception:  # noqa: BLE001 - isolate the failing items, as the loader does
             if len(items) == 1:
                 return [MediaError("decode_failed", "decoder raised")]
@@ -230,15 +257,20 @@ class TrainingDecoder:
                 for d, got in zip(todo, self._decode_kind(todo)):
                     err = got if isinstance(got, MediaError) else None
                     if err is None:
-                        x = torch.from_numpy(np.require(got, requirements=["C", "W"])).to(self.device, non_blocking=True)
+                        x = torch.from_numpy(np.require(got, requirements=["C", "W"])).to(
+                            self.device, non_blocking=True
+                        )
                         try:
                             patches, grid = patchify_on(x, d.settings)
                         except ValueError as e:
                             err = MediaError("decode_failed", str(e))
                         else:
                             if grid != tuple(d.grid_thw):
-                                err = MediaError("corrupt_image", f"decoded grid {grid} differs "
-                                                 f"from the planned {tuple(d.grid_thw)}")
+                                err = MediaError(
+                                    "corrupt_image",
+                                    f"decoded grid {grid} differs "
+                                    f"from the planned {tuple(d.grid_thw)}",
+                                )
                     if err is not None:  # mask the sample; keep the row's shapes
                         t, h, w = d.grid_thw
                         patches = torch.zeros(t * h * w, d.patches.shape[1], device=self.device)
@@ -260,8 +292,13 @@ class TrainingDecoder:
         def cat(xs):
             return torch.cat(xs) if xs else torch.zeros(0, width, device=self.device)
 
-        out.update(image_pixel_values=cat(img_all), video_pixel_values=cat(vid_all),
-                   vision_patches=cat(vis), skipped=dict(skipped), **masks)
+        out.update(
+            image_pixel_values=cat(img_all),
+            video_pixel_values=cat(vid_all),
+            vision_patches=cat(vis),
+            skipped=dict(skipped),
+            **masks,
+        )
         del out["deferred_media"], out["vision_order"]
         return out
 

@@ -24,7 +24,13 @@ import numpy as np
 import torch
 
 from megatron_omni.data.media.audio import TARGET_SAMPLE_RATE, prepare_audio, resampled_length
-from megatron_omni.data.media.backends import MediaBackend, MediaError, Source, VideoInfo, select_backend
+from megatron_omni.data.media.backends import (
+    MediaBackend,
+    MediaError,
+    Source,
+    VideoInfo,
+    select_backend,
+)
 from megatron_omni.data.media.vision import (
     ImageSettings,
     VideoSettings,
@@ -79,7 +85,11 @@ class MediaProcessor:
     ):
         self.backend = select_backend(backend) if isinstance(backend, str) else backend
         self.image_settings, self.video_settings = image, video
-        self.audio_sample_rate, self._audio_tokens, self.seed = audio_sample_rate, audio_tokens, seed
+        self.audio_sample_rate, self._audio_tokens, self.seed = (
+            audio_sample_rate,
+            audio_tokens,
+            seed,
+        )
 
     # ---------------------------------------------------------------------------------- planning
     def _image_size(self, height: int, width: int, src: Source) -> tuple[int, int]:
@@ -100,7 +110,9 @@ class MediaProcessor:
         """LLM tokens of an image, from its header alone."""
         return tokens_for_grid(self.image_grid(src), self.image_settings)
 
-    def video_plan(self, src: Source, seed: int | None = None, info: VideoInfo | None = None) -> VideoPlan:
+    def video_plan(
+        self, src: Source, seed: int | None = None, info: VideoInfo | None = None
+    ) -> VideoPlan:
         """Frames to decode, their size, grid and token count, from the container header."""
         info = info if info is not None else self.backend.probe_video(src)
         v, s = self.video_settings, self.image_settings
@@ -109,7 +121,9 @@ class MediaProcessor:
             size = video_resized_size(n, info.height, info.width, v, s)
         except ValueError as e:
             raise MediaError("bad_aspect_ratio", str(e), src) from None
-        indices = sample_frame_indices(info.num_frames, info.fps, v, self.seed if seed is None else seed)
+        indices = sample_frame_indices(
+            info.num_frames, info.fps, v, self.seed if seed is None else seed
+        )
         grid = grid_thw_for(n, *size, s)
         return VideoPlan(info, indices, size, grid, tokens_for_grid(grid, s))
 
@@ -129,11 +143,17 @@ class MediaProcessor:
         return self._audio_tokens
 
     # ---------------------------------------------------------------------------------- decoding
-    def _to_visual(self, frames: np.ndarray, expect: tuple[int, int, int], src: Source) -> VisualInput:
+    def _to_visual(
+        self, frames: np.ndarray, expect: tuple[int, int, int], src: Source
+    ) -> VisualInput:
         s = self.image_settings
         patches, grid = pixels_to_patches(frames, s)
         if grid != tuple(expect):
-            raise MediaError("corrupt_image", f"decoded grid {grid} differs from the planned {tuple(expect)}", src)
+            raise MediaError(
+                "corrupt_image",
+                f"decoded grid {grid} differs from the planned {tuple(expect)}",
+                src,
+            )
         return VisualInput(torch.from_numpy(patches), grid, tokens_for_grid(grid, s))
 
     def images(self, sources: Sequence[Source]) -> list:
@@ -153,7 +173,9 @@ class MediaProcessor:
                 out[i] = rgb
                 continue
             try:
-                out[i] = self._to_visual(rgb[None], grid_thw_for(1, *size, self.image_settings), sources[i])
+                out[i] = self._to_visual(
+                    rgb[None], grid_thw_for(1, *size, self.image_settings), sources[i]
+                )
             except MediaError as e:
                 out[i] = e
         return out
@@ -173,7 +195,10 @@ class MediaProcessor:
             except MediaError as e:
                 out[i] = e
         decoded = self.backend.decode_videos(
-            [sources[i] for i in todo], [p.indices for p in plans], [p.size for p in plans], [p.info for p in plans]
+            [sources[i] for i in todo],
+            [p.indices for p in plans],
+            [p.size for p in plans],
+            [p.info for p in plans],
         )
         for i, plan, frames in zip(todo, plans, decoded):
             if isinstance(frames, MediaError):
@@ -196,9 +221,12 @@ class MediaProcessor:
                 out.append(item)
             else:
                 wav, sr = item
-                out.append(_checked_waveform(
-                    torch.from_numpy(prepare_audio(wav, sr, self.audio_sample_rate)),
-                    self.audio_sample_rate))
+                out.append(
+                    _checked_waveform(
+                        torch.from_numpy(prepare_audio(wav, sr, self.audio_sample_rate)),
+                        self.audio_sample_rate,
+                    )
+                )
         return out
 
     def audio(self, src: Source) -> torch.Tensor:
@@ -219,8 +247,11 @@ def _checked_waveform(wav: torch.Tensor, sample_rate: int):
     """The decoded clip, or a MediaError when the audio front end could not use it: NaN/Inf
     samples (a float WAV can hold them) or shorter than one analysis frame."""
     if wav.numel() < int(MIN_AUDIO_SECONDS * sample_rate):
-        return MediaError("audio_too_short", f"{wav.numel()} samples at {sample_rate} Hz, fewer "
-                          f"than one {MIN_AUDIO_SECONDS * 1000:.0f} ms analysis frame")
+        return MediaError(
+            "audio_too_short",
+            f"{wav.numel()} samples at {sample_rate} Hz, fewer "
+            f"than one {MIN_AUDIO_SECONDS * 1000:.0f} ms analysis frame",
+        )
     if not bool(torch.isfinite(wav).all()):
         bad = int((~torch.isfinite(wav)).sum())
         return MediaError("bad_audio", f"{bad} NaN/Inf samples of {wav.numel()}")

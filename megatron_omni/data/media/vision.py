@@ -49,10 +49,13 @@ class ImageSettings:
     def __post_init__(self):
         for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"ImageSettings.{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(
+                    f"ImageSettings.{name} must be positive, got {getattr(self, name)}"
+                )
         if self.min_pixels > self.max_pixels:
             raise ValueError(
-                f"ImageSettings.min_pixels ({self.min_pixels}) exceeds max_pixels ({self.max_pixels}); "
+                f"ImageSettings.min_pixels ({self.min_pixels}) exceeds max_pixels "
+                f"({self.max_pixels}); "
                 "lower min_pixels or raise max_pixels"
             )
         if len(self.mean) != 3 or len(self.std) != 3:
@@ -66,7 +69,8 @@ class ImageSettings:
 
 @dataclass(frozen=True)
 class VideoSettings:
-    """How many frames a video contributes and at which size (M2OMNI.md section 1, 'video input')."""
+    """How many frames a video contributes and at which size (M2OMNI.md section 1, 'video
+    input')."""
 
     fps: float = 2.0
     """Target sampling rate in frames per second of video."""
@@ -92,14 +96,19 @@ class VideoSettings:
             raise ValueError(f"VideoSettings.fps must be positive, got {self.fps}")
         if self.min_frames < 1 or self.max_frames < self.min_frames:
             raise ValueError(
-                f"VideoSettings needs 1 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}"
+                f"VideoSettings needs 1 <= min_frames <= max_frames, got {self.min_frames}, "
+                f"{self.max_frames}"
             )
         if self.num_frames is not None and self.num_frames < 1:
-            raise ValueError(f"VideoSettings.num_frames must be >= 1 or None, got {self.num_frames}")
+            raise ValueError(
+                f"VideoSettings.num_frames must be >= 1 or None, got {self.num_frames}"
+            )
         if self.min_pixels > self.max_pixels:
             raise ValueError("VideoSettings.min_pixels exceeds max_pixels; lower min_pixels")
         if self.sampling not in ("uniform", "random"):
-            raise ValueError(f"VideoSettings.sampling must be 'uniform' or 'random', got {self.sampling!r}")
+            raise ValueError(
+                f"VideoSettings.sampling must be 'uniform' or 'random', got {self.sampling!r}"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,14 +153,20 @@ def smart_resize(
     return h, w
 
 
-def image_resized_size(height: int, width: int, s: ImageSettings = ImageSettings()) -> tuple[int, int]:
+def image_resized_size(
+    height: int, width: int, s: ImageSettings = ImageSettings()
+) -> tuple[int, int]:
     """Resized (h, w) of an image under ``s``."""
     return smart_resize(height, width, s.factor, s.min_pixels, s.max_pixels, s.max_aspect_ratio)
 
 
-def grid_thw_for(num_frames: int, resized_h: int, resized_w: int, s: ImageSettings = ImageSettings()) -> tuple[int, int, int]:
+def grid_thw_for(
+    num_frames: int, resized_h: int, resized_w: int, s: ImageSettings = ImageSettings()
+) -> tuple[int, int, int]:
     """(t, h, w) patch grid of ``num_frames`` frames of an already-resized size."""
-    t = -(-num_frames // s.temporal_patch_size)  # a trailing odd frame is repeated to fill the patch
+    t = -(
+        -num_frames // s.temporal_patch_size
+    )  # a trailing odd frame is repeated to fill the patch
     return t, resized_h // s.patch_size, resized_w // s.patch_size
 
 
@@ -161,7 +176,9 @@ def tokens_for_grid(grid_thw: Sequence[int], s: ImageSettings = ImageSettings())
     return t * h * w // (s.merge_size * s.merge_size)
 
 
-def image_grid_thw(height: int, width: int, s: ImageSettings = ImageSettings()) -> tuple[int, int, int]:
+def image_grid_thw(
+    height: int, width: int, s: ImageSettings = ImageSettings()
+) -> tuple[int, int, int]:
     """Patch grid of a still image of the given ORIGINAL size (t is always 1)."""
     return grid_thw_for(1, *image_resized_size(height, width, s), s)
 
@@ -179,7 +196,9 @@ def _round_even(x: float) -> int:
     return int(math.floor(x / 2.0 + 0.5)) * 2
 
 
-def num_sampled_frames(total_frames: int, video_fps: float, v: VideoSettings = VideoSettings()) -> int:
+def num_sampled_frames(
+    total_frames: int, video_fps: float, v: VideoSettings = VideoSettings()
+) -> int:
     """How many frames a video of ``total_frames`` frames at ``video_fps`` contributes.
 
     ``v.fps`` frames per second of video, clipped to the even range [min_frames, max_frames]
@@ -222,11 +241,16 @@ def sample_frame_indices(
 
 
 def video_resized_size(
-    num_frames: int, height: int, width: int, v: VideoSettings = VideoSettings(), s: ImageSettings = ImageSettings()
+    num_frames: int,
+    height: int,
+    width: int,
+    v: VideoSettings = VideoSettings(),
+    s: ImageSettings = ImageSettings(),
 ) -> tuple[int, int]:
     """Resized (h, w) of every frame when ``num_frames`` frames are sampled."""
     per_frame_max = max(
-        min(v.max_pixels, v.total_pixels / num_frames * s.temporal_patch_size), int(v.min_pixels * 1.05)
+        min(v.max_pixels, v.total_pixels / num_frames * s.temporal_patch_size),
+        int(v.min_pixels * 1.05),
     )
     return smart_resize(height, width, s.factor, v.min_pixels, per_frame_max, s.max_aspect_ratio)
 
@@ -298,7 +322,9 @@ def patchify(
     T, C, H, W = x.shape
     unit = patch * merge
     if H % unit or W % unit:
-        raise ValueError(f"frame size {H}x{W} is not a multiple of patch*merge={unit}; resize first")
+        raise ValueError(
+            f"frame size {H}x{W} is not a multiple of patch*merge={unit}; resize first"
+        )
     if T == 0:
         raise ValueError("patchify got zero frames")
     rem = (-T) % temporal_patch
@@ -308,10 +334,16 @@ def patchify(
     x = x.reshape(t, temporal_patch, C, gh // merge, merge, patch, gw // merge, merge, patch)
     # -> (t, gh/m, gw/m, m_h, m_w, C, temporal, patch_y, patch_x)
     x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return np.ascontiguousarray(x).reshape(t * gh * gw, C * temporal_patch * patch * patch), (t, gh, gw)
+    return np.ascontiguousarray(x).reshape(t * gh * gw, C * temporal_patch * patch * patch), (
+        t,
+        gh,
+        gw,
+    )
 
 
-def pixels_to_patches(frames_thwc: np.ndarray, s: ImageSettings = ImageSettings()) -> tuple[np.ndarray, tuple[int, int, int]]:
+def pixels_to_patches(
+    frames_thwc: np.ndarray, s: ImageSettings = ImageSettings()
+) -> tuple[np.ndarray, tuple[int, int, int]]:
     """uint8 [T, H, W, 3] -> (normalised float32 patches, grid): ``patchify(normalize(x))``, but
     the patch shuffle runs on the uint8 pixels (a quarter of the bytes) and normalisation is one
     scale-and-shift per channel afterwards. Agrees with the two-step form to ~1e-6."""
