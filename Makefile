@@ -23,16 +23,17 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) tools/demo.py
+	$(PY) -m megatron_omni.cli.demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 # On a GPU node (inside the container of docker/Dockerfile, no venv needed): every GPU path one
-# GPU can show, table + JSON report. PY_GPU overrides the interpreter (default: python3).
+# GPU can show, table + JSON report. PY_GPU overrides the interpreter (default: python3). `-m`
+# from the repository root: the package need not be installed.
 PY_GPU ?= python3
 gpu-check:
-	$(PY_GPU) tools/gpu_check.py --out $(GPU_CHECK_OUT)
+	$(PY_GPU) -m megatron_omni.cli.gpu_check --out $(GPU_CHECK_OUT)
 
 # Lint + import order + line length 100 (pyproject.toml [tool.ruff]); CI runs it before the tests.
 lint: $(VENV)/.installed

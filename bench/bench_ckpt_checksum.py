@@ -27,9 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_omni.training.ckpt_integrity import file_checksums, verify_checkpoint  # noqa: E402
+from megatron_omni.training.ckpt_integrity import file_checksums, verify_checkpoint
 
 
 def read_all(d: Path) -> int:

@@ -26,11 +26,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 _CHILD = r"""
 import json, os, sys, time
-sys.path.insert(0, {repo!r})
 def status(key):
     for ln in open("/proc/self/status"):
         if ln.startswith(key):
@@ -100,7 +98,7 @@ def make_images(root: Path) -> None:
 
 def run_child(mode: str, src: Path, out: Path, media: Path, n: int = 0) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-c", _CHILD.format(repo=str(REPO)), mode, str(src),
+    res = subprocess.run([sys.executable, "-c", _CHILD.format(), mode, str(src),
                           str(out), str(media), str(n)], env=env, capture_output=True, text=True,
                          check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])

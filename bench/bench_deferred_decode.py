@@ -15,23 +15,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
-
-from make_synthetic_dataset import corpus_texts, make_synthetic_dataset  # noqa: E402
-
-from megatron_omni.config.schema import DataConfig  # noqa: E402
-from megatron_omni.data.loaders import OmniLoaders  # noqa: E402
-from megatron_omni.data.media.backends import CPUBackend  # noqa: E402
-from megatron_omni.data.media.deferred import TrainingDecoder  # noqa: E402
-from megatron_omni.data.preprocess import preprocess  # noqa: E402
-from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer  # noqa: E402
+from megatron_omni.config.schema import DataConfig
+from megatron_omni.data.loaders import OmniLoaders
+from megatron_omni.data.media.backends import CPUBackend
+from megatron_omni.data.media.deferred import TrainingDecoder
+from megatron_omni.data.preprocess import preprocess
+from megatron_omni.data.synthetic import corpus_texts, make_synthetic_dataset
+from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
 
 MODALITIES = ("image", "video", "interleaved")
 

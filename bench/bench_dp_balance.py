@@ -19,15 +19,11 @@ Usage: ``python bench/bench_dp_balance.py [--num-samples 20000] [--seed 0]``
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_omni.data.dp_balance import BalancedSteps, CostModel, imbalance  # noqa: E402
-from megatron_omni.data.packing import PackingConfig, realistic_mix  # noqa: E402
-from megatron_omni.plan import load_model_config  # noqa: E402
+from megatron_omni.data.dp_balance import BalancedSteps, CostModel, imbalance
+from megatron_omni.data.packing import PackingConfig, realistic_mix
+from megatron_omni.plan import load_model_config
 
 
 def run(samples, cost, dp, balance, buffer_size):

@@ -21,13 +21,9 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 warnings.filterwarnings("ignore")
 
 
@@ -65,12 +61,12 @@ def main(argv=None):
 
     import_megatron_fast()
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from omni_batch import tiny_omni_cfg
-    from pref_batch import pref_row, random_pairs
 
     from megatron_omni.config import ParallelConfig
     from megatron_omni.models.omni import OmniModel, special_token_ids
     from megatron_omni.parallel import runtime
+    from megatron_omni.testing.omni_batch import tiny_omni_cfg
+    from megatron_omni.testing.pref_batch import pref_row, random_pairs
     from megatron_omni.training.dpo import reference_logps, run_at_step
 
     runtime.initialize(ParallelConfig(), seed=1,

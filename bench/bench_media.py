@@ -17,18 +17,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_omni.data.media.backends import CPUBackend, DALIBackend, dali_available  # noqa: E402
-from megatron_omni.data.media.processor import MediaProcessor  # noqa: E402
-from megatron_omni.data.media.vision import VideoSettings  # noqa: E402
+from megatron_omni.data.media.backends import CPUBackend, DALIBackend, dali_available
+from megatron_omni.data.media.processor import MediaProcessor
+from megatron_omni.data.media.vision import VideoSettings
 
 
 def _pixels(h, w, phase, seed):

@@ -22,13 +22,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_omni.data.packing import Packer, PackingConfig, realistic_mix  # noqa: E402
+from megatron_omni.data.packing import Packer, PackingConfig, realistic_mix
 
 STRATEGIES = ("one_per_row", "first_fit", "best_fit_decreasing", "auto")
 

@@ -1,11 +1,12 @@
-"""Shared test set-up: one thread per process, tests/ on sys.path, fast megatron-core import."""
+"""Shared test set-up: one thread per process, fast megatron-core import. The repository root
+and tests/ are on the import path through pytest's ``pythonpath`` setting (pyproject.toml), so tests
+import their helpers (``dist_utils``, ``omni_batch``, ``workers.<name>``) by name."""
 
 import os
-import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, os.path.dirname(__file__))
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
@@ -13,8 +14,6 @@ torch.set_num_threads(1)
 from megatron_omni.parallel.cpu_compat import import_megatron_fast  # noqa: E402
 
 import_megatron_fast()
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,19 +1,15 @@
 """A tiny prepared omni dataset for trainer-level tests, built one way everywhere: the
-synthetic JSONL of ``tools/make_synthetic_dataset.py`` -> a tiny byte-level BPE tokenizer ->
+synthetic JSONL of ``megatron_omni/data/synthetic.py`` -> a tiny byte-level BPE tokenizer ->
 Energon shards by ``preprocess``."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from megatron_omni.data.preprocess import preprocess
+from megatron_omni.data.synthetic import corpus_texts, make_synthetic_dataset
 from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-from make_synthetic_dataset import corpus_texts, make_synthetic_dataset  # noqa: E402
 
 SPEECH_CODES = 64
 

@@ -1,11 +1,8 @@
 #!/usr/bin/env python
-"""``omni-convert-data``: public dataset layouts -> our JSONL (megatron_omni/data/converters)."""
-import sys
-from pathlib import Path
+"""Same as ``omni-convert-data`` (megatron_omni.data.converters.cli); needs the package importable
+(``pip install -e .``, as ``make venv`` does, or ``PYTHONPATH=.``)."""
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_omni.data.converters.cli import main  # noqa: E402
+from megatron_omni.data.converters.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -433,7 +433,6 @@ class Trainer:
                 summary.first_losses = dict(losses)
             summary.last_losses = dict(losses)
             summary.loss_history.append(dict(losses))
-            self._append_history(losses, weights, grad_norm)
             if self.step % tr.log_interval == 0 or self.step == tr.train_iters:
                 tokens = sum(int(b["loss_mask"].numel()) for bs in groups.values() for b in bs)
                 dp = _dp_size()
@@ -447,10 +446,12 @@ class Trainer:
                     nan_steps=self.nan_steps, extra=metrics))
                 if metrics and _is_logging_rank():
                     self.printer("   " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            val = None
             if self.balancer is not None and self.step % cfg.stage.balance_interval == 0:
                 val = self.validation_segment()
                 self.balancer.update(val)
                 self.logger.log_validation(self.step, val)
+            self._append_history(losses, weights, grad_norm, val)
             if tr.save_interval and self.step % tr.save_interval == 0:
                 summary.checkpoint = str(self.save())
             if ckpt.should_save_and_exit():
@@ -504,9 +505,10 @@ class Trainer:
                 f.write(json.dumps({"resume": {"step": self.step, "checkpoint": str(source),
                                                "repeats_steps": [self.step + 1, last]}}) + "\n")
 
-    def _append_history(self, losses, weights, grad_norm) -> None:
+    def _append_history(self, losses, weights, grad_norm, val=None) -> None:
         """One JSON line per step in ``<save>/losses.jsonl`` (logging rank): the exact floats,
-        for plots and for comparing a resumed run with an uninterrupted one."""
+        for plots (``omni-plot``) and for comparing a resumed run with an uninterrupted one;
+        ``val``: the validation losses of this step's balance update, if one ran."""
         if not (self.cfg.training.save and _is_logging_rank()):
             return
         import json
@@ -514,9 +516,11 @@ class Trainer:
         path = Path(self.cfg.training.save)
         path.mkdir(parents=True, exist_ok=True)
         with open(path / "losses.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step, "losses": losses, "weights": weights,
-                                "lr": self.optimizer.param_groups[0]["lr"],
-                                "grad_norm": grad_norm}) + "\n")
+            row = {"step": self.step, "losses": losses, "weights": weights,
+                   "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
+            if val is not None:
+                row["val"] = val
+            f.write(json.dumps(row) + "\n")
 
     def _write_summary(self, summary: RunSummary, started: int, window: int = 5) -> None:
         """``<save>/summary.json``: per-modality loss at the start and end of the stage (means

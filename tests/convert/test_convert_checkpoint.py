@@ -9,7 +9,6 @@ process.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -45,16 +44,11 @@ from megatron_omni.convert.param_map import (
 TOOL = REPO / "tools" / "convert_checkpoint.py"
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint_tool", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def tool_main(*argv) -> int:
     """Run the CLI in this process (same code path as the command line, minus the launch)."""
-    return _tool().main([str(a) for a in argv])
+    from megatron_omni.cli.convert_checkpoint import main
+
+    return main([str(a) for a in argv])
 
 
 def run_cli(*argv, timeout=300) -> subprocess.CompletedProcess:
@@ -861,6 +855,13 @@ def test_release_export_loads_strictly_into_a_model_from_its_config(converted):
 
 
 @pytest.mark.slow
+def test_verify_without_transformers_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    assert tool_main("verify", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'megatron-omni[convert]'" in err and "Traceback" not in err
+
+
 def test_verify_matches_and_catches_a_perturbed_weight(converted, capsys):
     assert tool_main("verify", converted["ck"], "--hf", converted["hf"]) == 0
     out = capsys.readouterr().out

@@ -4,9 +4,7 @@ first two (cheap header checks); whatever still reaches the shards is skipped an
 loader, and training goes on."""
 
 import json
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +13,8 @@ import soundfile as sf
 from megatron_omni.config.schema import DataConfig
 from megatron_omni.data import preprocess as pp
 from megatron_omni.data.loaders import OmniLoaders
+from megatron_omni.data.synthetic import corpus_texts, make_synthetic_dataset
 from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-from make_synthetic_dataset import corpus_texts, make_synthetic_dataset  # noqa: E402
 
 BAD = {"short": "audio_too_short", "truncated": "audio_size_mismatch", "nan": "bad_audio"}
 

@@ -23,7 +23,6 @@ from megatron_omni.data.templates import template_sample
 from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -172,7 +171,7 @@ def test_llava_json_array(tmp_path, tok_path):
 
 
 def test_llava_video_jsonl_and_bad_lines(tmp_path, tok_path):
-    from make_synthetic_dataset import _write_video
+    from megatron_omni.data.synthetic import _write_video
 
     vids = tmp_path / "videos"
     vids.mkdir()

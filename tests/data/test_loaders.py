@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
-import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,12 +19,8 @@ from megatron.energon import reraise_exception
 from megatron_omni.config.schema import DataConfig
 from megatron_omni.data.loaders import OmniLoaders, is_text_batch
 from megatron_omni.data.preprocess import PreprocessConfig, preprocess
+from megatron_omni.data.synthetic import corpus_texts, make_synthetic_dataset
 from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-
-from make_synthetic_dataset import corpus_texts, make_synthetic_dataset  # noqa: E402
 
 SEQ = 1024
 MAX_IMAGES = 3

@@ -8,17 +8,13 @@ trainer / loader hook is not wired yet (see the module docstring).
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-from dist_utils import REPO, run_workers
-
-sys.path.insert(0, str(REPO / "tests" / "workers"))
+from dist_utils import run_workers
 
 
 @pytest.mark.slow
 def test_one_reader_per_tp_group_and_identical_batches():
-    from mp_broadcast import digest, make_batch  # the worker's own batch builder
+    from workers.mp_broadcast import digest, make_batch  # the worker's own batch builder
 
     from megatron_omni.data.mp_broadcast import stage_batch
 

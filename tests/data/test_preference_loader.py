@@ -3,9 +3,7 @@ data-parallel rank; ``dpo_pairs`` names their segments; media repeated per seque
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from megatron.energon import reraise_exception
@@ -13,12 +11,8 @@ from megatron.energon import reraise_exception
 from megatron_omni.config.schema import DataConfig
 from megatron_omni.data.loaders import OmniLoaders
 from megatron_omni.data.preprocess import preprocess
+from megatron_omni.data.synthetic import corpus_texts, make_synthetic_dataset
 from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-
-from make_synthetic_dataset import corpus_texts, make_synthetic_dataset  # noqa: E402
 
 N = 10
 

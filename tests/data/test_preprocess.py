@@ -1,10 +1,10 @@
-"""tools/preprocess_data.py + megatron_omni.data.preprocess on the synthetic omni dataset."""
+"""omni-preprocess (megatron_omni/cli/preprocess_data.py) + megatron_omni.data.preprocess on the
+synthetic omni dataset."""
 
 from __future__ import annotations
 
 import functools
 import json
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -20,6 +20,7 @@ from megatron.energon import (
     stateless,
 )
 
+from megatron_omni.cli import preprocess_data
 from megatron_omni.data.loaders import cook_omni_sample
 from megatron_omni.data.media import CPUBackend, MediaProcessor
 from megatron_omni.data.preprocess import (
@@ -33,14 +34,9 @@ from megatron_omni.data.preprocess import (
     template_config_from,
     video_settings_from,
 )
+from megatron_omni.data.synthetic import MODALITIES, corpus_texts, make_synthetic_dataset
 from megatron_omni.data.templates import template_sample
 from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-
-import preprocess_data  # noqa: E402
-from make_synthetic_dataset import MODALITIES, corpus_texts, make_synthetic_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")

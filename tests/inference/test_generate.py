@@ -3,7 +3,6 @@ sampling), answer parsing, the CLI and the held-out evaluation."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,21 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from dist_utils import run_workers
+from workers import generate_check as W
 
+from megatron_omni.cli import generate as cli
 from megatron_omni.inference import generate as G
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "workers"))
-sys.path.insert(0, str(REPO / "tools"))
-import generate_check as W  # noqa: E402
-
-
-def _cli():
-    spec = importlib.util.spec_from_file_location("omni_generate_cli",
-                                                  REPO / "tools" / "generate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def check_generation_results(r: dict) -> None:
@@ -112,6 +102,26 @@ def test_cli_help():
         assert flag in p.stdout
 
 
+def test_cli_refuses_bad_input_with_exit_2_and_one_line(tmp_path, capsys):
+    """Checked before any process group or model exists (so in-process here)."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    cases = [
+        (["--checkpoint", str(tmp_path / "nope")], "--checkpoint"),
+        (["--checkpoint", str(ckpt), "--image", str(tmp_path / "cat.png")], "--image"),
+        (["--checkpoint", str(ckpt), "--audio", str(tmp_path)], "--audio"),
+        (["--checkpoint", str(ckpt), "--config", str(tmp_path / "run.yaml")], "--config"),
+        (["--checkpoint", str(ckpt), "--top-p", "0"], "top_p"),
+        (["--checkpoint", str(ckpt), "--max-new-tokens", "0"], "max_new_tokens"),
+    ]
+    for argv, word in cases:
+        assert cli.main(argv) == 2, argv
+        out = capsys.readouterr()
+        lines = out.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("omni-generate: error:"), out.err
+        assert word in lines[0] and out.out == ""
+
+
 # ------------------------------------------------------------------------------ evaluation
 
 
@@ -119,9 +129,8 @@ def test_cli_help():
 def prepared(tmp_path_factory, single_rank):
     """A tiny prepared dataset (text, image, audio; 3 held-out samples each) and a random
     checkpoint whose saved config points at it."""
-    from make_synthetic_dataset import corpus_texts, make_synthetic_dataset
-
     from megatron_omni.data.preprocess import discover_inputs, preprocess
+    from megatron_omni.data.synthetic import corpus_texts, make_synthetic_dataset
     from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
 
     base = tmp_path_factory.mktemp("gen_eval")
@@ -147,7 +156,7 @@ def prepared(tmp_path_factory, single_rank):
 
 
 def test_cli_eval_prints_per_modality_loss_and_accuracy(prepared, capsys):
-    out = _cli().main(["--checkpoint", str(prepared["ckpt"]), "--eval", "--max-new-tokens", "8"])
+    out = cli.run(["--checkpoint", str(prepared["ckpt"]), "--eval", "--max-new-tokens", "8"])
     text = capsys.readouterr().out
     ev = out["eval"]
     assert set(ev) == {"text", "image", "audio"}
@@ -201,7 +210,7 @@ def test_cli_generates_with_image_and_audio(prepared, tmp_path, capsys):
     img = next(p for p in sorted((raw / "images").iterdir()) if p.suffix == ".png")
     wav = sorted((raw / "audios").glob("*.wav"))[0]
     out_json = tmp_path / "out.json"
-    out = _cli().main(["--checkpoint", str(prepared["ckpt"]), "--prompt", "What is this?",
+    out = cli.run(["--checkpoint", str(prepared["ckpt"]), "--prompt", "What is this?",
                        "--image", str(img), "--audio", str(wav), "--max-new-tokens", "6",
                        "--json", str(out_json)])
     text = capsys.readouterr().out
@@ -209,10 +218,39 @@ def test_cli_generates_with_image_and_audio(prepared, tmp_path, capsys):
     assert len(out["token_ids"]) == 6 and out["stop_reason"] == "max_new_tokens"
     assert "answer (6 tokens, stop: max_new_tokens)" in text
     # Sampling through the CLI is reproducible.
-    again = [_cli().main(["--checkpoint", str(prepared["ckpt"]), "--prompt", "Hi",
+    again = [cli.run(["--checkpoint", str(prepared["ckpt"]), "--prompt", "Hi",
                           "--max-new-tokens", "6", "--temperature", "1.3", "--seed", "3"])
              for _ in range(2)]
     assert again[0]["token_ids"] == again[1]["token_ids"]
+
+
+def _run_cli(*argv):
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, "-m", "megatron_omni.cli.generate", *map(str, argv)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+
+
+def test_cli_exit_codes_end_to_end(prepared, tmp_path):
+    """The command line: 0 with the answer; 2 and one line, no traceback, for a config error
+    found after the checkpoint's config was read, and for a folder without a checkpoint."""
+    out = tmp_path / "out.json"
+    ok = _run_cli("--checkpoint", prepared["ckpt"], "--prompt", "Hi", "--max-new-tokens", "2",
+                  "--json", out)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert len(json.loads(out.read_text())["token_ids"]) == 2
+    bad = _run_cli("--checkpoint", prepared["ckpt"], "--override", "model.llm.num_layers=0")
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert "Traceback" not in bad.stderr
+    err = [ln for ln in bad.stderr.splitlines() if ln.startswith("omni-generate: error:")]
+    assert len(err) == 1 and "num_layers" in err[0], bad.stderr[-3000:]
+    (tmp_path / "empty").mkdir()
+    empty = _run_cli("--checkpoint", tmp_path / "empty")
+    assert empty.returncode == 2 and "Traceback" not in empty.stderr, empty.stderr[-3000:]
+    assert "omni-generate: error:" in empty.stderr and "checkpoint" in empty.stderr
 
 
 def test_eval_with_deferred_decoding_equals_worker_decoding(prepared, monkeypatch):

@@ -340,9 +340,7 @@ def test_submit_chain_dry_run(tmp_path):
 def prepared(tmp_path_factory):
     """A synthetic corpus preprocessed by slurm/preprocess_array.sbatch as 2 array tasks (one
     folder part, one MODALITY=FILE part), then merged; records every step's outcome."""
-    sys.path.insert(0, str(REPO / "tools"))
-    from make_synthetic_dataset import MODALITIES, corpus_texts, make_synthetic_dataset
-
+    from megatron_omni.data.synthetic import MODALITIES, corpus_texts, make_synthetic_dataset
     from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
 
     base = tmp_path_factory.mktemp("slurm")
@@ -386,7 +384,8 @@ def test_preprocess_array_parts_and_merge(prepared):
     assert "already done" in res["task1_again"].stdout
     assert (out / "parts" / "expected_parts").read_text().strip() == "2"
     # The work ran through srun (one task) with the task's CPUs as preprocessing workers.
-    calls = [c for c in prepared["slurm"].sruns() if "tools/preprocess_data.py" in c["cmd"]]
+    calls = [c for c in prepared["slurm"].sruns()
+             if "megatron_omni.cli.preprocess_data" in c["cmd"]]
     assert len(calls) == 2 and calls[0]["opts"]["--ntasks"] == "1"
     assert calls[0]["cmd"][calls[0]["cmd"].index("--workers") + 1] == "1"
 
@@ -418,10 +417,27 @@ def test_preprocess_array_parts_and_merge(prepared):
     assert "--dependency=afterok:1000" in sub[1] and sub[1][-2:] == ["--merge", str(out)]
 
 
-def test_merge_parts_names_match_preprocess():
-    sys.path.insert(0, str(REPO / "slurm"))
-    import merge_parts
+def test_merge_progress_bar_and_rerun_from_copied_parts(prepared, tmp_path, capsys):
+    """The merge shows a progress bar over the shards it links; merging a copy of the parts
+    elsewhere gives the same report."""
+    from megatron_omni.data.merge import merge
 
+    shutil.copytree(prepared["out"] / "parts", tmp_path / "parts")
+    rep = merge(tmp_path, progress=True)
+    err = capsys.readouterr().err
+    shards = sorted(p.relative_to(tmp_path) for p in tmp_path.glob("*/*.tar"))
+    assert len(shards) == 5 * 3  # 2 train + 1 val shard per modality
+    assert "merge" in err and f"{len(shards)}/{len(shards)}" in err and "shard" in err
+    want = json.loads((prepared["out"] / "preprocess_report.json").read_text())
+    assert {k: v for k, v in rep.items() if k not in ("out_dir", "datasets")} == {
+        k: v for k, v in want.items() if k not in ("out_dir", "datasets")}
+    # Quiet: no bar.
+    merge(tmp_path, progress=False)
+    assert "shard" not in capsys.readouterr().err
+
+
+def test_merge_parts_names_match_preprocess():
+    from megatron_omni.data import merge as merge_parts
     from megatron_omni.data import preprocess
 
     for name in ("OMNI_META", "REPORT_NAME", "SKIPPED_NAME", "SPLITS"):

@@ -1,6 +1,6 @@
 """Every shell command in README.md and docs/*.md works when pasted after ``make demo``.
 
-The test builds a small ``demo_out`` the way ``tools/demo.py`` does (its data preparation, then a
+The test builds a small ``demo_out`` the way ``omni-demo`` does (its data preparation, then a
 PT-3 run of 1 step instead of calibration + 100 steps), in a scratch directory laid out like the
 repository root (``examples``/``tools`` linked), and runs each command from the ``bash`` blocks
 there, in document order, as written except:
@@ -29,7 +29,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
 
 pytestmark = pytest.mark.slow
 
@@ -97,8 +96,7 @@ def _argv(cmd: str) -> list[str]:
 
 
 def test_readme_and_docs_commands_work_after_demo(tmp_path):
-    from demo import SPEECH_CODES, prepare_data
-
+    from megatron_omni.cli.demo import SPEECH_CODES, prepare_data
     from megatron_omni.data.tokenizer import load_tokenizer
 
     work = tmp_path / "repo"

@@ -1,25 +1,29 @@
-"""tools/gpu_check.py: the CPU dry run exercises every stage; on a CPU nothing is PASS but the
-version probe, nothing FAILs, and the report has the documented shape."""
+"""omni-gpu-check (megatron_omni/cli/gpu_check.py): the CPU dry run exercises every stage; on a
+CPU nothing is PASS but the version probe, nothing FAILs, and the report has the documented shape.
+
+Both runs go the way ``make gpu-check`` goes on a GPU node where the package is not installed:
+``python -m megatron_omni.cli.gpu_check`` from the repository root, without PYTHONPATH."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
+from megatron_omni.cli import gpu_check
 
-import gpu_check  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
+GPU_CHECK = [sys.executable, "-m", "megatron_omni.cli.gpu_check"]
+UNINSTALLED = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 @pytest.mark.slow
 def test_dry_run_exercises_every_stage(tmp_path):
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--dry-run",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600,
-                          cwd=REPO)
+    proc = subprocess.run([*GPU_CHECK, "--dry-run", "--out", str(out)], capture_output=True,
+                          text=True, timeout=600, cwd=REPO, env=UNINSTALLED)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     stages = report["stages"]
@@ -47,9 +51,11 @@ def test_pins_and_help():
     assert gpu_check.pin_ok("2.9.0+abc", te) and gpu_check.pin_ok("2.11.1", te)
     assert not gpu_check.pin_ok("2.12.0", te) and not gpu_check.pin_ok("2.20.0", te)
     assert not gpu_check.pin_ok(None, te)
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--help"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([*GPU_CHECK, "--help"], capture_output=True, text=True, timeout=60,
+                          cwd=REPO, env=UNINSTALLED)
     assert proc.returncode == 0 and "megatron-core==0.16.1" in proc.stdout
     assert "nvidia-dali" in proc.stdout and "GPU_CHECK_OUT" in proc.stdout
+    makefile = (REPO / "Makefile").read_text()
+    assert "-m megatron_omni.cli.gpu_check" in makefile
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     assert gpu_check.BASE_IMAGE in dockerfile

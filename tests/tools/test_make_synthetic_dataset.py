@@ -1,15 +1,13 @@
-"""Tests of tools/make_synthetic_dataset.py: the files open, the JSONL is well formed, the labels
-agree with the media (so the tasks are learnable), the broken manifest is true, and the output is
-byte-identical for a seed."""
+"""Tests of megatron_omni/data/synthetic.py (omni-synthetic-data): the files open, the JSONL is
+well formed, the labels agree with the media (so the tasks are learnable), the broken manifest is
+true, and the output is byte-identical for a seed."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -19,13 +17,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location(
-    "make_synthetic_dataset", REPO / "tools" / "make_synthetic_dataset.py"
-)
-msd = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("make_synthetic_dataset", msd)
-_spec.loader.exec_module(msd)
+from megatron_omni.cli import make_synthetic_dataset as msd_cli
+from megatron_omni.data import synthetic as msd
 
 N = 9  # per modality; val gets max(4, N // 4) = 4
 MODS = ("text", "image", "video", "audio", "interleaved")
@@ -347,13 +340,14 @@ def test_deterministic_for_a_seed(ds, tmp_path):
 
 def test_cli_help_and_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        msd.main(["--help"])
+        msd_cli.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--num-per-modality" in out and "--broken" in out and "--seed" in out
-    assert msd.main([str(tmp_path), "--num-per-modality", "1", "--num-val-per-modality", "1"]) == 0
+    assert msd_cli.main([str(tmp_path), "--num-per-modality", "1",
+                         "--num-val-per-modality", "1"]) == 0
     assert (
         json.loads((tmp_path / "manifest.json").read_text())["files"]["video"]["train_lines"] == 1
     )
     with pytest.raises(FileExistsError):
-        msd.main([str(tmp_path), "--num-per-modality", "1", "--no-overwrite"])
+        msd_cli.main([str(tmp_path), "--num-per-modality", "1", "--no-overwrite"])

@@ -111,7 +111,6 @@ MEASURE_SCRIPT = textwrap.dedent("""
     import gc, json, os, resource, sys
     import torch
     torch.set_num_threads(1)
-    sys.path.insert(0, sys.argv[1])
     from megatron_omni.parallel.cpu_compat import import_megatron_fast
     import_megatron_fast()
     from dist_utils import free_port
@@ -119,7 +118,7 @@ MEASURE_SCRIPT = textwrap.dedent("""
     from megatron_omni.models.llm import build_llm
     from megatron_omni.parallel import runtime
 
-    overrides, seq, mbs = json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    overrides, seq, mbs = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -180,9 +179,9 @@ def measured_step(tmp_path_factory):
     script = tmp_path_factory.mktemp("plan") / "measure.py"
     script.write_text(MEASURE_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536",
-               PYTHONWARNINGS="ignore")
+               PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]))
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(TESTS), json.dumps(measured_overrides()),
+        [sys.executable, str(script), json.dumps(measured_overrides()),
          str(MEASURED_SEQ), str(MEASURED_MBS)], cwd=REPO, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     result = {}

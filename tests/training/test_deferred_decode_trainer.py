@@ -2,19 +2,13 @@
 (``data.media_backend=deferred``, CPU here) gives the same losses as decoding in the loader
 workers (``cpu``). The GPU variant (``dali_gpu``: DALI mixed) runs in tools/gpu_check.py."""
 
-import sys
-from pathlib import Path
 
 import pytest
 from dist_utils import run_workers
 
 from megatron_omni.data.preprocess import preprocess
+from megatron_omni.data.synthetic import corpus_texts, make_synthetic_dataset
 from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-
-from make_synthetic_dataset import corpus_texts, make_synthetic_dataset  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

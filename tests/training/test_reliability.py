@@ -246,8 +246,7 @@ def test_checkpoint_writer_processes_end_with_a_sigkilled_rank(tmp_path):
     psutil = pytest.importorskip("psutil")
     script = tmp_path / "save_then_wait.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(REPO / 'tests')!r})
+        import time
         import conftest  # noqa: F401  (fast megatron import, one thread)
         from training.test_reliability import make_trainer
 
@@ -268,7 +267,8 @@ def test_checkpoint_writer_processes_end_with_a_sigkilled_rank(tmp_path):
             main()
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+                            env=dict(os.environ,
+                                     PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")])))
     try:
         kids = [int(x) for x in proc.stdout.readline().split()]
     finally:
