@@ -52,6 +52,10 @@ def test_exact_resume_with_loader_and_balancer_state(data, tmp_path, layout):
     for ra, rb in zip(a, b):
         assert ra["losses"] == rb["losses"], (ra, rb)  # bitwise: same floats
         assert ra["weights"] == rb["weights"] and ra["lr"] == rb["lr"]
+        assert ra.get("val") == rb.get("val")
+    # The validation losses of the balance updates (every 2 steps) are in the history too.
+    assert [r["step"] for r in a if "val" in r] == [2, 4, 6]
+    assert set(a[1]["val"]) == {"text", "image", "audio"}
     # The dynamic balancer really moved (so its restored state mattered).
     assert any(w != 1.0 for w in a[-1]["weights"].values())
 
