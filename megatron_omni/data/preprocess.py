@@ -79,7 +79,7 @@ from megatron_omni.data.media import (
     VideoSettings,
 )
 from megatron_omni.data.media.audio import TARGET_SAMPLE_RATE, resampled_length
-from megatron_omni.data.media.backends import DEFAULT_MAX_IMAGE_PIXELS
+from megatron_omni.data.media.probe import DEFAULT_MAX_IMAGE_PIXELS
 from megatron_omni.data.media.vision import tokens_for_grid
 from megatron_omni.data.special_tokens import DEFAULT_SPEECH_CODEBOOK_SIZE
 from megatron_omni.data.templates import (
@@ -126,7 +126,7 @@ PREPROCESS_REASONS = frozenset(SKIP_REASONS) | {
     "audio_too_short",  # shorter than PreprocessConfig.min_audio_seconds
     "audio_size_mismatch",  # a WAV header promises more sample bytes than the file holds
     "internal_error",   # an unexpected exception (a bug); logged with its traceback
-    # media reasons (megatron_omni.data.media.backends.REASONS)
+    # media reasons (megatron_omni.data.media.common.REASONS)
     "missing_file", "corrupt_image", "image_too_large", "unreadable_video", "bad_frame_index",
     "unreadable_audio", "bad_aspect_ratio",
 }

@@ -264,9 +264,9 @@ def test_loader_side_media_backend_never_opens_a_gpu_pipeline(monkeypatch):
     with workers)."""
     pytest.importorskip("nvidia.dali")
     from megatron_omni.data.loaders import loader_media_backend
-    from megatron_omni.data.media import backends
+    from megatron_omni.data.media import dali
 
-    monkeypatch.setattr(backends, "cuda_available", lambda: True)
+    monkeypatch.setattr(dali, "cuda_available", lambda: True)
     for name in ("auto", "dali"):
         b = loader_media_backend(name)
         assert b.name == "dali" and b.device == "cpu" and b.device_id is None
