@@ -91,7 +91,7 @@ def validate_data(cfg: OmniConfig, need_data: bool = True) -> Optional[object]:
     if tok is None:
         errors.append("data.tokenizer is not set; give the tokenizer the data was preprocessed "
                       "with")
-    from ..data.preprocess import OMNI_META, tokenizer_fingerprint
+    from ..data.format import OMNI_META, tokenizer_fingerprint
 
     fp = tokenizer_fingerprint(tok) if tok is not None else None
     wanted = list(d.modalities)
