@@ -87,11 +87,11 @@ def test_step_collectives_use_the_communication_device(single_rank, monkeypatch)
 
 
 def test_checkpoint_and_balance_collectives_use_the_same_rule(single_rank, monkeypatch):
-    from megatron_omni.training import checkpoint as ckpt
+    from megatron_omni.training import signals
     from megatron_omni.training.balance import all_reduce_mean_losses
 
     with collective_harness(monkeypatch) as calls:
-        assert ckpt.should_save_and_exit() is False
+        assert signals.should_save_and_exit() is False
         assert all_reduce_mean_losses({"text": 2.0, "audio": 4.0}) == {"text": 2.0, "audio": 4.0}
     assert len(calls) == 2 and all(d == torch.device("cpu") for _, d in calls)
 
