@@ -232,6 +232,24 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
     return latest
 
 
+def read_saved_config(path: Union[str, Path], meta: Optional[dict] = None):
+    """The run config checkpoint ``path`` (a step directory, or a root: its newest complete
+    checkpoint) was saved with, as a :class:`~megatron_omni.config.loader.SavedConfig`: read
+    from the common state dict (``checkpoint_meta["config"]``; ``config.yaml`` beside it is a
+    human-readable copy), or from ``meta`` when the caller has loaded it already. Every reader of
+    a checkpoint's config (generation, conversion, the re-seed of a resume) goes through here or
+    :func:`~megatron_omni.config.loader.parse_saved_config`, so keys this version does not know
+    follow one rule (``SavedConfig``: an error under ``model``, a warning elsewhere)."""
+    from ..config.loader import parse_saved_config
+
+    ckpt = resolve_checkpoint(path)
+    if meta is None:
+        from megatron.core import dist_checkpointing
+
+        meta = dist_checkpointing.load_common_state_dict(str(ckpt)).get(META_KEY) or {}
+    return parse_saved_config(meta.get("config"), str(ckpt))
+
+
 def read_latest(root: Union[str, Path]) -> Optional[str]:
     """Contents of ``root/latest`` (a step directory name) or None."""
     p = Path(root) / LATEST
@@ -811,11 +829,11 @@ def _seed_from(meta: dict, seed: Optional[int]) -> int:
     if seed is not None:
         return int(seed)
     if meta.get("config"):
-        import yaml
+        from ..config.loader import parse_saved_config
 
-        try:
-            return int(yaml.safe_load(meta["config"])["training"]["seed"])
-        except (KeyError, TypeError, ValueError):
+        try:  # the raw value: a key this version lost elsewhere must not stop a resume
+            return int(parse_saved_config(meta["config"], "checkpoint").raw["training"]["seed"])
+        except (KeyError, TypeError, ValueError):  # (ConfigError is a ValueError)
             pass
     return 1234
 
