@@ -42,9 +42,7 @@ CALIBRATION: tuple[PublishedRow, ...] = (
     PublishedRow("llama3-70b", "NeMo docs/source/performance/performance_summary.md, 24.07",
                  "fp8", 64, 128, 4, 4, 2, 5, 1533),
     PublishedRow("llama3-8b", "NeMo docs/source/performance/performance_summary.md, 24.07",
-                 "fp8", 8, 128, 1, 1, 2, None, 12036, in_tolerance=False,
-                 note="older container (24.07); the planner has no term that makes CP2 cost "
-                      "17% at 8K tokens for an 8B model"),
+                 "fp8", 8, 128, 1, 1, 2, None, 12036),
 )
 """Every H100 Llama-3 8B / 70B pre-training row found in the published Megatron-Core /
 Megatron-Bridge / NeMo performance summaries (all FP8; no BF16 Llama-3 H100 row was found)."""

@@ -65,6 +65,10 @@ class StagePlan:
     """Hardware FLOPs one GPU of this stage runs per micro-batch (recomputation included)."""
     trained_params: float = 0.0
     """Parameters on one GPU of this stage that train (what the DP collectives move)."""
+    sixteen_bit_flops: float = 0.0
+    """The part of ``flops_per_micro_batch`` that runs in 16-bit even in an FP8 run: the LLM's
+    attention products (Transformer Engine's FP8 covers the linear layers; dot-product attention
+    stays bf16) and the encoders (no FP8)."""
     times: dict = field(default_factory=dict)
     """Seconds per micro-batch (compute, tp, cp, p2p, cross_entropy) and per step (dp,
     optimizer) of this stage; empty where no step time is estimated."""
@@ -363,12 +367,16 @@ def _activations(cfg: OmniConfig, num: Numerics, impl: str, layout: Layout, work
 @dataclass(frozen=True)
 class _Flops:
     """Hardware FLOPs per row: one LLM layer (recomputed as the layout says / not), the LM head,
-    and the encoders + projectors (ViT already / t)."""
+    the encoders + projectors (ViT already / t), and one layer's attention products."""
 
     layer: float
     layer_plain: float
     head: float
     encoders: float
+    attention: float
+    """The score and value products of one LLM layer (training, recomputation included)."""
+    attention_plain: float
+    """The same without recomputation."""
 
 
 def _flops(cfg: OmniConfig, layout: Layout, workload: Workload, parts: _Parts) -> _Flops:
@@ -394,8 +402,12 @@ def _flops(cfg: OmniConfig, layout: Layout, workload: Workload, parts: _Parts) -
             m_cfg.audio.frames_per_token * m_cfg.audio.hidden_size, h, m_cfg.projector.audio_depth,
             sum(audio_llm_tokens(m_cfg.audio, t) for t in frames)) \
             * training_passes(train_proj, train_aud)
+    attention = ForwardFlops(layers_attention=one_layer.layers_attention).training(
+        llm_passes, layout.recompute)
+    attention_plain = ForwardFlops(layers_attention=one_layer.layers_attention).training(
+        llm_passes, None)
     return _Flops(one_layer.training(llm_passes, layout.recompute),
-                  one_layer.training(llm_passes, None), head, enc)
+                  one_layer.training(llm_passes, None), head, enc, attention, attention_plain)
 
 
 def _chunk_cost(n: int, block: Optional[int], full_cost: float, plain_cost: float) -> float:
@@ -488,18 +500,23 @@ def _stage(cfg: OmniConfig, layout: Layout, r: int, chunk_layers: list[int], tok
                 for n in chunk_layers) / (tp * cp) * mb
     if last:
         flops += flops_.head / (tp * cp) * mb
+    sixteen = sum(_chunk_cost(n, block, flops_.attention, flops_.attention_plain)
+                  for n in chunk_layers) / (tp * cp) * mb
     if has_enc:
         flops += flops_.encoders * mb
+        sixteen += flops_.encoders * mb
     return StagePlan(r, n_layers, has_enc, first, last, int(params), weights, grads, optim,
-                     fp8_cache, best, list(best_counts), transient, overhead, flops, trained)
+                     fp8_cache, best, list(best_counts), transient, overhead, flops, trained,
+                     sixteen)
 
 
 
 def _stage_times(cfg: OmniConfig, layout: Layout, workload: Workload, stages: list[StagePlan],
                  layers: list[list[int]], tokens: float, gpu: str, num: Numerics,
-                 parts: _Parts, rate: float,
+                 parts: _Parts, flops_: _Flops, rate: float, rate16: float,
                  tp_exposed: Optional[float]) -> None:
-    """Fills every stage's ``times`` (:func:`schedule.stage_times`) at ``rate`` FLOP/s."""
+    """Fills every stage's ``times`` (:func:`schedule.stage_times`): its FLOPs at ``rate``
+    FLOP/s, the 16-bit part (:attr:`StagePlan.sixteen_bit_flops`) at ``rate16``."""
     llm, vision = cfg.model.llm, cfg.model.vision
     net = INTERCONNECTS.get(gpu, INTERCONNECTS["h100"])
     f_tp = TP_EXPOSED_FRACTION if tp_exposed is None else tp_exposed
@@ -509,9 +526,12 @@ def _stage_times(cfg: OmniConfig, layout: Layout, workload: Workload, stages: li
     patches = sum(t * hh * ww for t, hh, ww in grids) * layout.micro_batch_size
     for s_ in stages:
         s_.times = stage_times(
-            s_.flops_per_micro_batch / rate, s_.llm_layers, layers[s_.rank], s_.rank,
+            (s_.flops_per_micro_batch - s_.sixteen_bit_flops) / rate
+            + s_.sixteen_bit_flops / rate16, s_.llm_layers, layers[s_.rank], s_.rank,
             s_.has_lm_head, s_.trained_params, layout, tokens, parts.hidden,
-            llm.num_query_groups * llm.head_dim, parts.vocab, net, links, f_tp, num.grad,
+            llm.num_attention_heads * llm.head_dim, llm.num_query_groups * llm.head_dim,
+            flops_.attention * layout.micro_batch_size / (layout.tp * layout.cp) / rate16,
+            parts.vocab, net, links, f_tp, num.grad,
             num.param, shard, layout.recompute_num_layers,
             vit_patches=patches if (s_.has_encoders and grids) else 0.0,
             vit_hidden=vision.hidden_size, vit_depth=vision.depth)
@@ -586,8 +606,13 @@ def plan(cfg: OmniConfig, layout: Layout, workload: Optional[Workload] = None, g
     if precision in spec.peak:
         mfu_used = assumed_mfu if assumed_mfu is not None \
             else COMPUTE_EFFICIENCY.get(precision, 0.35)
-        _stage_times(cfg, layout, workload, stages, layers, tokens, gpu, num, parts,
-                     spec.peak[precision] * mfu_used, tp_exposed)
+        rate = spec.peak[precision] * mfu_used
+        rate16 = rate
+        if precision == "fp8":
+            rate16 = spec.peak["bf16"] * (assumed_mfu if assumed_mfu is not None
+                                          else COMPUTE_EFFICIENCY["bf16"])
+        _stage_times(cfg, layout, workload, stages, layers, tokens, gpu, num, parts, flops_,
+                     rate, rate16, tp_exposed)
         step_time = step_seconds(layout, stages)
 
     result = Plan(model_name, spec, precision, impl, layout, workload, model_params(cfg), stages,

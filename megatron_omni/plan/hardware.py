@@ -22,22 +22,26 @@ FRAGMENTATION = 0.03
 FP8_WEIGHT_CACHE_BYTES = 2
 """Bytes per LLM-layer matmul parameter for TE's cached FP8 weight + its FP8 transpose."""
 
-COMPUTE_EFFICIENCY = {"bf16": 0.438, "fp8": 0.405}
-"""Fraction of the dense peak that the layers' arithmetic itself runs at on H100-class GPUs
-(GEMMs, flash attention, the memory-bound norms/rotary/SwiGLU in between), *excluding* what
-the step model charges separately: exposed TP/CP/DP communication, pipeline transfers and bubble,
-the LM head's cross entropy and the optimizer step. Calibrated on the published Megatron-Core /
-Megatron-Bridge H100 rows (:data:`CALIBRATION`, BENCHMARKS.md "Planner calibration"); the bf16
-value keeps the fp8 / bf16 ratio of the former assumed MFU (0.37 / 0.40), as no bf16 Llama-3 H100
-row was found to calibrate it on."""
+COMPUTE_EFFICIENCY = {"bf16": 0.438, "fp8": 0.45}
+"""Fraction of the dense peak of the run's precision that the layers' arithmetic itself runs at
+on H100-class GPUs (GEMMs, flash attention, the memory-bound norms/rotary/SwiGLU in between),
+*excluding* what the step model charges separately: exposed TP/CP/DP communication, pipeline
+transfers and bubble, the LM head's cross entropy and the optimizer step. In an FP8 run only the
+linear layers run in FP8 (Transformer Engine's FP8 recipe; dot-product attention stays bf16, the
+encoders have no FP8): the LLM's attention products and the encoders run at the bf16 peak x the
+bf16 value (:attr:`StagePlan.sixteen_bit_flops`). The fp8 value is fitted on the published
+Megatron-Core / Megatron-Bridge H100 rows (:data:`CALIBRATION`, BENCHMARKS.md "Planner
+calibration"); the bf16 value (433 TFLOP/s on an H100, also the attention rate of FP8 runs) keeps
+the fp8 / bf16 ratio of the former assumed MFU (0.37 / 0.40) and is not calibrated: no bf16
+Llama-3 H100 row was found."""
 
 TP_EXPOSED_FRACTION = 0.1
 """Share of the tensor-parallel collectives (sequence parallel: all-gather / reduce-scatter
 around every column / row-parallel GEMM) left on the critical path with Transformer Engine's
 userbuffer overlap (``tp_comm_overlap``). No published figure for this fraction was found in the
-sources available; 0.3 is the value that makes the TP4 rows of :data:`CALIBRATION` agree with the
-TP1 rows at one compute efficiency. Override with ``plan(..., tp_exposed=...)`` /
-``tools/plan.py --tp-exposed``."""
+sources available; 0.1 is a fitted value: with it the TP4 rows of :data:`CALIBRATION` (70B) agree
+with the TP1 rows (8B) at one compute efficiency (all within 3%). Override with
+``plan(..., tp_exposed=...)`` / ``tools/plan.py --tp-exposed``."""
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,11 @@ class Interconnect:
     p2p_overhead_s: float = 100e-6
     """Fixed cost of one point-to-point step on the critical path (kernel launch, stream sync,
     schedule bookkeeping): charged per pipeline send/recv (per virtual stage boundary and
-    micro-batch, even when the bytes are overlapped by the interleaved schedule) and per
-    ring-attention step of context parallelism. Fitted: the value at which the published CP2
-    row of Llama-3-70B ranks below the PP8 one, as published (BENCHMARKS.md)."""
+    micro-batch, even when the bytes are overlapped by the interleaved schedule) and per extra
+    ring-attention step of context parallelism. Fitted, not measured: first fitted on the 70B
+    CP2 / PP8 ranking, which the CP model now gets from its kernel term
+    (:data:`schedule.CP_ATTENTION_EFFICIENCY`); kept as the cost that makes one layer per
+    virtual stage (VPP 40 for 80 layers on PP2) lose to fewer, larger chunks."""
     hbm: float = 2.6e12
     """Achieved HBM bandwidth for the memory-bound steps (cross entropy, optimizer)."""
 

@@ -192,7 +192,10 @@ def plan_mix(cfg: OmniConfig, layout: Layout, workloads: Sequence[tuple[float, W
                  / total for k in st.times}
         flops = sum(wt * p.stages[r].flops_per_micro_batch
                     for (wt, _, _), p in zip(workloads, plans)) / total
-        stages.append(replace(st, times=times, flops_per_micro_batch=flops))
+        sixteen = sum(wt * p.stages[r].sixteen_bit_flops
+                      for (wt, _, _), p in zip(workloads, plans)) / total
+        stages.append(replace(st, times=times, flops_per_micro_batch=flops,
+                              sixteen_bit_flops=sixteen))
     step = step_seconds(layout, stages)
     model_flops = sum(wt * p.model_flops_per_step
                       for (wt, _, _), p in zip(workloads, plans)) / total

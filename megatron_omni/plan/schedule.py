@@ -32,17 +32,76 @@ def tp_comm_seconds(tokens: float, hidden: int, tp: int, sp: bool, layers: int,
     return count * unit / bandwidth
 
 
-def cp_comm_seconds(tokens: float, kv_width: int, cp: int, layers: int, bandwidth: float,
-                    act_bytes: int = 2, overhead_s: float = 0.0, exposed: float = 1.0) -> float:
-    """Ring attention's K/V exchange for one micro-batch on one GPU: per layer ``cp-1`` steps
-    each passing the local K and V (``2 * kv_width`` per token of the local ``tokens``) forward,
-    and K, V plus their gradients backward (twice that). ``exposed`` of the bytes' time is
-    charged, plus ``overhead_s`` per step (a P2P exchange and a separate attention kernel)."""
+CP_ATTENTION_EFFICIENCY = 0.6
+"""Speed of the attention kernels under context parallelism relative to one whole-sequence
+flash-attention kernel: with the load-balanced split every ring step runs its own, smaller
+kernels (chunks of ``s / (2 cp)`` tokens, the causal diagonal block and the off-diagonal halves
+apart) on a side stream, synchronised with the K/V exchange, and backward recomputes nothing
+less. Fitted, one constant (no published per-kernel figure was found): with 0.6 the published
+CP2 rows of Llama-3 8B and 70B (NeMo 24.07) are within 4% and the 70B CP2 layout ranks below
+PP8, as published; with 1.0 (no kernel cost, only the transfers, merges and step latencies) the
+8B CP2 row is planned 18% too fast and the 70B ranking flips (BENCHMARKS.md "Planner
+calibration")."""
+
+CP_CORRECTION_BYTES = 10
+"""Memory traffic per element and ring step of the partial-result merge: forward reads the
+step's 16-bit output and read-modify-writes the fp32 accumulator (2 + 8 bytes per output
+element); backward accumulates dQ and dK/dV likewise (per query / key-value element)."""
+
+
+@dataclass(frozen=True)
+class CPTerms:
+    """Context parallelism's cost for one micro-batch on one GPU, by cause (seconds)."""
+
+    exposed_ring: float
+    """K/V (and dK/dV) transfer time that the ring step's attention compute does not hide."""
+    kernels: float
+    """The attention run as per-step kernels (:data:`CP_ATTENTION_EFFICIENCY`) minus what the
+    compute term already charges for it at the whole-sequence rate."""
+    correction: float
+    """Merging the per-step partial results (memory bound, :data:`CP_CORRECTION_BYTES`)."""
+    steps: float
+    """The fixed cost of each extra ring step (P2P launch and wait, stream synchronisation)."""
+
+    @property
+    def total(self) -> float:
+        return self.exposed_ring + self.kernels + self.correction + self.steps
+
+
+def cp_seconds(tokens: float, q_width: int, kv_width: int, tp: int, cp: int, layers: int,
+               attention_s: float, bandwidth: float, hbm: float, overhead_s: float,
+               act_bytes: int = 2,
+               attention_efficiency: float = CP_ATTENTION_EFFICIENCY) -> CPTerms:
+    """Megatron-Core's context parallelism (Transformer Engine, ``cp_comm_type='p2p'``) for
+    ``layers`` LLM layers, one micro-batch, one GPU.
+
+    Every rank holds chunks ``r`` and ``2cp-1-r`` of ``2cp`` (causal load balance: each of the
+    ``cp`` ring steps then does the same ``1/cp`` of the rank's attention). Per layer and
+    micro-batch (``tokens`` local tokens, K/V heads / t under TP):
+
+    * ring transfers: forward ``cp-1`` steps each send the K/V the rank holds
+      (``2 * kv_width/t * tokens * act_bytes``) to the next rank while the step's attention runs;
+      backward ``cp-1`` steps send K/V again (only the local chunk is kept) plus the dK/dV being
+      accumulated (twice the bytes). Exposed: ``max(0, bytes / bandwidth - step attention)``
+      per step, with the step's attention time ``attention_s / cp / attention_efficiency`` split
+      1/3 forward, 2/3 backward (``attention_s``: the layer's score and value products at the
+      compute rate, already in the compute term);
+    * kernels: ``attention_s * (1 / attention_efficiency - 1)``;
+    * correction: ``cp`` steps each way of ``CP_CORRECTION_BYTES`` per output (q) element
+      forward, per q and K/V element backward, at ``hbm``;
+    * steps: ``2 (cp-1)`` extra ring steps at ``overhead_s`` each.
+    """
     if cp <= 1 or layers <= 0:
-        return 0.0
-    per_step = 2 * kv_width * tokens * act_bytes
-    steps = layers * 3 * (cp - 1)
-    return steps * (exposed * per_step / bandwidth + overhead_s)
+        return CPTerms(0.0, 0.0, 0.0, 0.0)
+    kv = 2 * kv_width / tp * tokens * act_bytes
+    slow = attention_s / attention_efficiency
+    fwd_step, bwd_step = slow / 3 / cp, slow * 2 / 3 / cp
+    ring = (cp - 1) * (max(0.0, kv / bandwidth - fwd_step)
+                       + max(0.0, 2 * kv / bandwidth - bwd_step))
+    q_elems = q_width / tp * tokens
+    corr = cp * CP_CORRECTION_BYTES * (q_elems + (q_elems + 2 * kv_width / tp * tokens)) / hbm
+    return CPTerms(layers * ring, layers * (slow - attention_s), layers * corr,
+                   layers * 2 * (cp - 1) * overhead_s)
 
 
 def p2p_seconds(tokens: float, hidden: int, tp: int, sp: bool, vpp: Optional[int],
@@ -131,7 +190,8 @@ class Links:
 
 def stage_times(compute_s: float, llm_layers: int, chunk_layers: Sequence[int], rank: int,
                 has_lm_head: bool, trained_params: float, layout: Layout, tokens: float,
-                hidden: int, kv_width: int, vocab: int, net: Interconnect, links: Links,
+                hidden: int, q_width: int, kv_width: int, attention_s_per_layer: float,
+                vocab: int, net: Interconnect, links: Links,
                 tp_exposed: float, grad_bytes: int, param_bytes: int, shard: int,
                 recompute_block: Optional[int], vit_patches: float = 0.0, vit_hidden: int = 0,
                 vit_depth: int = 0) -> dict:
@@ -150,8 +210,9 @@ def stage_times(compute_s: float, llm_layers: int, chunk_layers: Sequence[int], 
     times = {"compute": t_c,
              "tp": tp_exposed * tp_comm_seconds(tokens, hidden, tp, sp, llm_layers, recomputed,
                                                 links.tp, 2),
-             "cp": cp_comm_seconds(tokens, kv_width, cp, llm_layers, links.cp, 2,
-                                   net.p2p_overhead_s, tp_exposed),
+             "cp": cp_seconds(tokens, q_width, kv_width, tp, cp, llm_layers,
+                              attention_s_per_layer, links.cp, net.hbm,
+                              net.p2p_overhead_s).total,
              "p2p": p2p_seconds(tokens, hidden, tp, sp, layout.vpp, links.pp,
                                 net.p2p_overhead_s) if pp > 1 else 0.0,
              "cross_entropy": cross_entropy_seconds(tokens, vocab // tp, net.hbm)
