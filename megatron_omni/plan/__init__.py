@@ -58,10 +58,14 @@ Per micro-batch and pipeline stage (one GPU):
 
 * compute: the stage's hardware FLOPs (recomputation included, :mod:`training.flops`; LLM /
   (t*c), ViT / t, SAN-M and projectors replicated, the encoders on the first stage, the LM head
-  on the last) at ``peak * COMPUTE_EFFICIENCY``;
+  on the last) at ``peak * COMPUTE_EFFICIENCY`` of the run's precision; in FP8 runs the LLM's
+  attention products and the encoders (no FP8 there) at the bf16 rate;
 * exposed TP: :func:`tp_comm_seconds` (sequence-parallel all-gathers / reduce-scatters, and the
   ViT's all-reduces) x :data:`TP_EXPOSED_FRACTION`;
-* CP: :func:`cp_comm_seconds` (ring-attention K/V exchange + a fixed cost per ring step);
+* CP: :func:`cp_seconds` (megatron-core's ring attention over the load-balanced ``2c`` chunks:
+  the K/V and dK/dV exchange where the ring step's attention does not hide it, the per-step
+  attention kernels at :data:`CP_ATTENTION_EFFICIENCY`, the partial-result merges, a fixed cost
+  per extra ring step);
 * pipeline p2p: :func:`p2p_seconds` (2 transfers per model chunk; bytes exposed only without
   interleaving, a fixed overhead per transfer always);
 * the LM head's cross entropy: :func:`cross_entropy_seconds` (memory bound, last stage).
@@ -70,7 +74,9 @@ The slowest stage sets the pace and the pipeline adds the bubble; then the DP co
 the overlap leaves exposed (:func:`dp_exposed_seconds`) and the optimizer step
 (:func:`optimizer_seconds`): ``step = (m + (p-1)/v) * t_slowest + dp_exposed + t_optimizer``.
 Bandwidths are in :data:`INTERCONNECTS`. Tokens/s, model TFLOP/s and MFU use the *model* FLOPs
-(no recomputation). The constants are calibrated on the published Megatron-Core H100 rows in
+(no recomputation). Fitted constants (stated as such where they are defined): the fp8 compute
+efficiency, :data:`TP_EXPOSED_FRACTION`, :data:`CP_ATTENTION_EFFICIENCY` and the fixed cost per
+point-to-point step; they are calibrated on the published Megatron-Core H100 rows in
 :data:`CALIBRATION` (``tools/plan.py --calibration``; BENCHMARKS.md).
 """
 
