@@ -682,6 +682,28 @@ def test_step_time_adds_up_and_terms_move_the_right_way():
     assert deep.stages[1].times["p2p"] == pytest.approx(2 * p.stages[1].times["p2p"])
 
 
+def test_embedding_and_lm_head_imbalance_by_hand():
+    """Llama-3-70B TP4 PP8 (vocabulary 128256 padded to 128512): the first stage holds the
+    embedding (weights, no FLOPs), the last the LM head (3 x 2 x s x h x V / t FLOPs) and the
+    cross entropy over its vocabulary shard; the middle stages only their 10 layers."""
+    cfg = load_model_config("llama3-70b")
+    p = plan(cfg, Layout(tp=4, pp=8, dp=2, global_batch=128), Workload(8192), precision="fp8")
+    first, mid, last = p.stages[0], p.stages[3], p.stages[7]
+    assert first.llm_layers == mid.llm_layers == last.llm_layers == 10
+    v, h = 128512, 8192
+    assert first.flops_per_micro_batch == pytest.approx(mid.flops_per_micro_batch)
+    assert last.flops_per_micro_batch - mid.flops_per_micro_batch == pytest.approx(
+        3 * 2 * 8192 * h * v / 4)
+    assert first.params - mid.params == v * h // 4
+    assert last.params - mid.params == v * h // 4 + h  # output layer + final norm
+    assert last.times["cross_entropy"] == pytest.approx(8192 * (v // 4) * 4.0 * 3 / 2.6e12)
+    assert mid.times["cross_entropy"] == first.times["cross_entropy"] == 0.0
+    # the LM head makes the last stage the slowest: it sets the pace
+    assert max(p.stages, key=lambda s: s.micro_batch_time) is last
+    assert p.stage_imbalance == pytest.approx(
+        last.flops_per_micro_batch * 8 / sum(s.flops_per_micro_batch for s in p.stages))
+
+
 def test_block_recompute_costs_flops_for_the_recomputed_layers_only():
     cfg = load_model_config("llama3-8b")
     base = plan(cfg, Layout(dp=8, global_batch=128), Workload(8192), precision="fp8",
