@@ -38,6 +38,10 @@ def parse_args(argv=None):
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="log level of every other rank (default WARNING: one copy of the INFO "
                         "lines, warnings from every rank)")
+    p.add_argument("--megatron-log-level", default="WARNING", type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="least level shown from megatron-core's own loggers (default WARNING; "
+                        "INFO adds its DDP bucket and optimizer set-up listings)")
     return p.parse_args(argv)
 
 
@@ -45,7 +49,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from .training.logging import setup_logging
 
-    setup_logging(level=args.log_level, other_ranks_level=args.other_ranks_log_level)
+    setup_logging(level=args.log_level, other_ranks_level=args.other_ranks_log_level,
+                  megatron_level=args.megatron_log_level)
     from .config import ConfigError, load_config, to_dict
 
     try:

@@ -43,17 +43,23 @@ class _Handler(logging.StreamHandler):
     """The handler :func:`setup_logging` installs (so a second call replaces it)."""
 
 
+def _level(value: str | int) -> int:
+    numeric = logging.getLevelName(value.upper()) if isinstance(value, str) else value
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {value!r}; use DEBUG, INFO, WARNING or ERROR")
+    return numeric
+
+
 def setup_logging(rank: Optional[int] = None, level: str | int = "INFO",
-                  other_ranks_level: str | int = "WARNING",
+                  other_ranks_level: str | int = "WARNING", megatron_level: str | int = "WARNING",
                   stream: Optional[TextIO] = None) -> int:
     """Configure the root logger: timestamp, rank and level on every line; rank 0 logs at
     ``level``, every other rank at ``other_ranks_level`` (so N ranks do not print N copies).
-    Returns the level in effect for this process."""
+    megatron-core's own loggers (``megatron.core``: DDP bucket listings, the optimizer config,
+    ...) are held at ``megatron_level`` or above. Returns the level in effect for this process."""
     rank = launcher_rank() if rank is None else rank
-    chosen = level if rank == 0 else other_ranks_level
-    numeric = logging.getLevelName(chosen.upper()) if isinstance(chosen, str) else chosen
-    if not isinstance(numeric, int):
-        raise ValueError(f"unknown log level {chosen!r}; use DEBUG, INFO, WARNING or ERROR")
+    numeric = _level(level if rank == 0 else other_ranks_level)
+    logging.getLogger("megatron.core").setLevel(max(numeric, _level(megatron_level)))
     root = logging.getLogger()
     for h in [h for h in root.handlers if isinstance(h, _Handler)]:
         root.removeHandler(h)

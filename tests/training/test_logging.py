@@ -31,11 +31,12 @@ LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[rank (\d+)\] (\w+) ([\w.]+
 @pytest.fixture
 def root_logger():
     """Restore the root logger's handlers and level after the test."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    root, mc = logging.getLogger(), logging.getLogger("megatron.core")
+    handlers, level, mc_level = list(root.handlers), root.level, mc.level
     yield root
     root.handlers[:] = handlers
     root.setLevel(level)
+    mc.setLevel(mc_level)
 
 
 def emit(stream):
@@ -66,6 +67,18 @@ def test_other_ranks_warn_only_unless_told(root_logger):
     assert sum(type(h).__name__ == "_Handler" for h in root_logger.handlers) == 1
     with pytest.raises(ValueError, match="unknown log level"):
         setup_logging(rank=0, level="LOUD")
+
+
+def test_megatron_core_held_at_warning(root_logger):
+    stream = io.StringIO()
+    setup_logging(rank=0, stream=stream)
+    child = logging.getLogger("megatron.core.optimizer")
+    child.info("Setting up optimizer with config ...")
+    child.warning("something to know")
+    assert [m.group(2) for m in map(LINE.match, stream.getvalue().splitlines())] == ["WARNING"]
+    setup_logging(rank=0, megatron_level="INFO", stream=stream)
+    child.info("Setting up optimizer with config ...")
+    assert stream.getvalue().splitlines()[-1].endswith("Setting up optimizer with config ...")
 
 
 def test_launcher_rank():
