@@ -228,7 +228,7 @@ def test_config_validation():
 
 
 def test_full_size_layout_matches_the_release():
-    """Paraformer-large: 50 blocks, key names and shapes as M2OMNI.md section 6 (meta device)."""
+    """Paraformer-large: 50 blocks, names and shapes as docs/recipe.md section 6 (meta device)."""
     shapes = expected_sanm_shapes(SANMConfig())
     assert shapes["encoders0.0.self_attn.linear_q_k_v.weight"] == (1536, 560)
     assert shapes["encoders0.0.norm1.weight"] == (560,)

@@ -319,7 +319,7 @@ def test_example_yaml_real_size():
     tc = vision_transformer_config(cfg)
     assert (tc.num_layers, tc.ffn_hidden_size, tc.kv_channels) == (32, 5120, 80)
     n_params = sum(math.prod(s) for s in expected_hf_vision_shapes(v).values())
-    assert 660e6 < n_params < 690e6  # "~675M" (M2OMNI.md)
+    assert 660e6 < n_params < 690e6  # "~675M" (docs/recipe.md section 1)
     d = VisionConfig()
     assert (d.depth, d.hidden_size, d.num_heads) == (2, 32, 2)  # tiny defaults
 

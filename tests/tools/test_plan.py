@@ -360,7 +360,7 @@ def test_parameter_counts_match_real_modules(single_rank):
                              "model.audio.num_blocks=3"])
     enc = SANMEncoder(SANMConfig(output_size=32, attention_heads=2, linear_units=48, num_blocks=3))
     assert sum(p.numel() for p in enc.parameters()) == sanm_params(cfg)
-    # The full-size towers: Qwen2-VL's ViT with a 3584-wide merger is the ~675M of M2OMNI.md.
+    # The full-size towers: Qwen2-VL's ViT with a 3584-wide merger is the ~675M of docs/recipe.md.
     vit = sum(vit_params(load_model_config("9b")))
     assert 670e6 < vit < 680e6
     assert 150e6 < sanm_params(load_model_config("72b")) < 170e6

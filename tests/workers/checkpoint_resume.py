@@ -104,7 +104,8 @@ def forward_step(it, m):
 
     def loss_func(per_token):
         loss = per_token.float().mean()
-        # clone: the schedule divides the returned loss in place (MCORE_NOTES bug 5)
+        # clone: the schedule divides the returned loss in place (docs/architecture.md section 6,
+        # issue 5)
         return loss, {"loss": loss.detach().clone()}
 
     return out, loss_func
