@@ -5,6 +5,8 @@ Our module keeps FunASR's parameter names, so every link is a ``copy`` (a prefix
 map's work is strict checking. SAN-M is a plain torch module: nothing of it is split over TP
 (:func:`gated` is never true and none of its names is a megatron-core parallel linear).
 
+Prefixes:
+
 - FunASR Paraformer checkpoints hold the encoder under ``encoder.`` (next to ``decoder.``,
   ``predictor.``, ``ctc.`` ... which are not ours and are ignored);
 - the M2-omni release (``Bailing2NativeForConditionalGeneration``) holds it under
