@@ -39,6 +39,7 @@ from ..config.loader import _merge, _read_yaml
 from ..data.special_tokens import NUM_SPECIAL
 from ..models.weight_maps import audio as audio_map
 from ..models.weight_maps import llm as llm_map
+from ..models.weight_maps import omni as omni_map
 from ..models.weight_maps import vision as vision_map
 from ..models.weight_maps.core import (
     ConversionError,
@@ -361,7 +362,7 @@ def _check_shapes(what: str, src: TensorSource, prefix: str, expected: dict) -> 
 
 # --- per-rank work -------------------------------------------------------------------------------
 
-PROJECTORS = ("linear_proj", "linear_proj_audio")
+PROJECTORS = tuple(p.rstrip(".") for p in omni_map.PROJECTORS)
 
 
 def init_projector(name: str, module: torch.nn.Module, seed: int) -> None:

@@ -28,6 +28,7 @@ takes the prefixes (``language_model.`` in the M2-omni release, ``llm.`` on our 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping
 
 import torch
@@ -115,6 +116,10 @@ def hf_to_megatron(hf: Mapping[str, torch.Tensor], llm: LLMConfig, padded_vocab:
     if hf["model.embed_tokens.weight"].shape[0] > padded_vocab:
         raise ValueError(f"vocabulary {hf['model.embed_tokens.weight'].shape[0]} is larger than "
                          f"the padded size {padded_vocab}")
+    # Rows past the checkpoint's vocabulary are zero padding here (the importer's vocab links
+    # instead start new tokens at the mean row: it extends a plain Llama deliberately).
+    lk = [replace(link, vocab=hf[link.hf[0]].shape[0]) if link.kind == "vocab" else link
+          for link in lk]
     rows = {link.ours: padded_vocab for link in lk if link.kind == "vocab"}
     return full_from_plans(lk, DictSource(hf, "Hugging Face Llama checkpoint"), rows)
 

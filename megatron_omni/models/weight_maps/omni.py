@@ -52,15 +52,16 @@ def links(cfg: OmniConfig, llm_hf: str, vision_hf: str, audio_hf: str) -> list[L
     return out
 
 
+PART_MAPS = {LLM: llm, VISION: vision, AUDIO: audio}
+"""Our prefix -> the map of the part under it (the projectors have none: plain copies)."""
+
+
 def omni_gated(name: str) -> bool:
-    """The TP split rule of the omni model: each part's :func:`gated` under its prefix (only the
+    """The TP split rule of the omni model: each part's ``gated`` under its prefix (only the
     LLM's MLPs are gated, SwiGLU ``[gate; up]``; the ViT and merger MLPs are plain)."""
-    if name.startswith(LLM):
-        return llm.gated(name[len(LLM):])
-    if name.startswith(VISION):
-        return vision.gated(name[len(VISION):])
-    if name.startswith(AUDIO):
-        return audio.gated(name[len(AUDIO):])
+    for prefix, part in PART_MAPS.items():
+        if name.startswith(prefix):
+            return part.gated(name[len(prefix):])
     return False
 
 
