@@ -47,11 +47,11 @@ def main(argv=None) -> int:
     from .parallel.cpu_compat import import_megatron_fast
 
     import_megatron_fast()
-    from .training import checkpoint as ckpt
+    from .training import signals
 
     # Before the (long) build and checkpoint load, so a preemption signal then is not fatal:
     # the first step boundary saves and exits with REQUEUE_EXIT_CODE.
-    ckpt.install_signal_handlers()
+    signals.install_signal_handlers()
     from .training.trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         return 0
     summary = trainer.train()
     if summary.stopped_by_signal:
-        return ckpt.REQUEUE_EXIT_CODE
+        return signals.REQUEUE_EXIT_CODE
     return 0
 
 

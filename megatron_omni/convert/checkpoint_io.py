@@ -476,38 +476,6 @@ def ensure_single_rank_megatron() -> None:
 _STACKED = re.compile(r"^(?P<pre>(?:.*\.)?layers\.)(?P<post>(?!\d+\.).+)$")
 
 
-def _config_from_yaml(text: Optional[str], where: str):
-    """OmniConfig from a saved config YAML, dropping keys this version does not know (a newer
-    checkpoint, e.g. with a LoRA section) with a warning."""
-    import dataclasses
-    import typing
-
-    import yaml
-
-    from ..config import OmniConfig, from_dict
-
-    if not text:
-        raise ConversionError(f"{where} holds no run config; it was not saved by megatron-omni's "
-                              f"save_checkpoint with cfg")
-    raw = yaml.safe_load(text) or {}
-
-    def prune(cls, data: dict, prefix: str) -> dict:
-        hints = typing.get_type_hints(cls)
-        out = {}
-        for k, v in data.items():
-            if k not in hints:
-                log.warning("%s: ignoring config key %s%s unknown to this version", where,
-                            prefix, k)
-                continue
-            typ = hints[k]
-            if dataclasses.is_dataclass(typ) and isinstance(v, dict):
-                v = prune(typ, v, f"{prefix}{k}.")
-            out[k] = v
-        return out
-
-    return from_dict(OmniConfig, prune(OmniConfig, raw, "")), raw
-
-
 class MegatronCheckpointReader:
     """Read a megatron-omni distributed checkpoint tensor by tensor in its global (TP=1) view.
 
@@ -524,8 +492,9 @@ class MegatronCheckpointReader:
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
         from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
+        from ..config.schema import ConfigError
         from ..models.weight_maps.sharding import local_name
-        from ..training.checkpoint import FORMAT, META_KEY, resolve_checkpoint
+        from ..training.checkpoint import FORMAT, META_KEY, read_saved_config, resolve_checkpoint
 
         ensure_process_group()
         try:
@@ -538,7 +507,11 @@ class MegatronCheckpointReader:
             raise ConversionError(f"{self.dir} is not a megatron-omni checkpoint ({FORMAT})")
         self.meta = meta
         self.extra_state = common.get("extra_state") or {}
-        self.cfg, self.raw_config = _config_from_yaml(meta.get("config"), str(self.dir))
+        try:  # the one reader of a checkpoint's saved config (its rule for unknown keys)
+            saved = read_saved_config(self.dir, meta)
+            self.cfg, self.raw_config = saved.config(), saved.raw
+        except ConfigError as e:
+            raise ConversionError(str(e)) from e
         self._entries: dict[str, tuple[str, Optional[int], tuple, torch.dtype]] = {}
         for key, st in load_sharded_metadata(str(self.dir)).items():
             if not isinstance(st, ShardedTensor) or key.startswith("optimizer."):

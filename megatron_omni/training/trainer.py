@@ -23,7 +23,7 @@ import torch
 from ..config.schema import ConfigError, OmniConfig
 from ..config.validate import validate
 from . import checkpoint as ckpt
-from . import resume
+from . import resume, signals
 from .balance import DynamicBalancer, PlateauDetector, read_step_balance_file
 from .logging import StepStats, TrainLogger
 from .step import StepResult, run_group_step
@@ -231,7 +231,7 @@ class Trainer:
         self.tensorboard_dir = tb
         self.logger = TrainLogger(tb, enabled=_is_logging_rank(), printer=self.printer)
         self._resume_or_init()
-        ckpt.install_signal_handlers()
+        signals.install_signal_handlers()
         self.num_devices = torch.distributed.get_world_size()
 
     def _resume_or_init(self) -> None:
@@ -453,7 +453,7 @@ class Trainer:
                 self.logger.log_validation(self.step, val)
             if tr.save_interval and self.step % tr.save_interval == 0:
                 summary.checkpoint = str(self.save())
-            if ckpt.should_save_and_exit():
+            if signals.should_save_and_exit():
                 summary.checkpoint = str(self.save())
                 summary.stopped_by_signal = True
                 break
