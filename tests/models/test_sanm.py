@@ -14,14 +14,6 @@ import math
 import pytest
 import torch
 
-from megatron_omni.convert.sanm import (
-    expected_sanm_shapes,
-    infer_sanm_config,
-    sanm_from_funasr,
-    sanm_from_release,
-    sanm_to_funasr,
-    sanm_to_release,
-)
 from megatron_omni.models.audio import (
     AudioTokenizerHead,
     SANMConfig,
@@ -34,6 +26,14 @@ from megatron_omni.models.audio_features import (
     batch_waveforms_to_features,
     num_fbank_frames,
     num_lfr_frames,
+)
+from megatron_omni.models.weight_maps.audio import (
+    expected_sanm_shapes,
+    infer_sanm_config,
+    sanm_from_funasr,
+    sanm_from_release,
+    sanm_to_funasr,
+    sanm_to_release,
 )
 
 TOL = 1e-5
