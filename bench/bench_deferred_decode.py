@@ -21,7 +21,7 @@ from pathlib import Path
 
 from megatron_omni.config.schema import DataConfig
 from megatron_omni.data.loaders import OmniLoaders
-from megatron_omni.data.media.backends import CPUBackend
+from megatron_omni.data.media.cpu_decode import CPUBackend
 from megatron_omni.data.media.deferred import TrainingDecoder
 from megatron_omni.data.preprocess import preprocess
 from megatron_omni.data.synthetic import corpus_texts, make_synthetic_dataset

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_omni.data.media.backends import CPUBackend, DALIBackend, dali_available
+from megatron_omni.data.media import CPUBackend, DALIBackend, dali_available
 from megatron_omni.data.media.processor import MediaProcessor
 from megatron_omni.data.media.vision import VideoSettings
 

@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     args = parse_args(argv)
     from megatron_omni.config.schema import ConfigError
-    from megatron_omni.data.media.backends import MediaError
+    from megatron_omni.data.media import MediaError
     from megatron_omni.data.tokenizer import TokenizerError
 
     try:

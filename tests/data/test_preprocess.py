@@ -21,18 +21,20 @@ from megatron.energon import (
 )
 
 from megatron_omni.cli import preprocess_data
+from megatron_omni.data.format import (
+    image_settings_from,
+    load_omni_meta,
+    template_config_from,
+    video_settings_from,
+)
 from megatron_omni.data.loaders import cook_omni_sample
 from megatron_omni.data.media import CPUBackend, MediaProcessor
 from megatron_omni.data.preprocess import (
     PreprocessConfig,
     SkipLine,
     _make_ctx,
-    image_settings_from,
-    load_omni_meta,
     preprocess,
     process_line,
-    template_config_from,
-    video_settings_from,
 )
 from megatron_omni.data.synthetic import MODALITIES, corpus_texts, make_synthetic_dataset
 from megatron_omni.data.templates import template_sample

@@ -437,11 +437,11 @@ def test_merge_progress_bar_and_rerun_from_copied_parts(prepared, tmp_path, caps
 
 
 def test_merge_parts_names_match_preprocess():
+    from megatron_omni.data import format as dataset_format
     from megatron_omni.data import merge as merge_parts
-    from megatron_omni.data import preprocess
 
     for name in ("OMNI_META", "REPORT_NAME", "SKIPPED_NAME", "SPLITS"):
-        assert getattr(merge_parts, name) == getattr(preprocess, name), name
+        assert getattr(merge_parts, name) == getattr(dataset_format, name), name
 
 
 def test_merged_dataset_loads(prepared):
