@@ -156,6 +156,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     args = parse_args(argv)
+    from megatron_omni.parallel.cpu_compat import import_megatron_fast
+
+    import_megatron_fast()  # before anything imports megatron-core (CPU: no torch.compile)
     from megatron_omni.config.schema import ConfigError
     from megatron_omni.data.media import MediaError
     from megatron_omni.data.tokenizer import TokenizerError
