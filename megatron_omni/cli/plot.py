@@ -112,11 +112,15 @@ def plot_history(hist: RunHistory, out, title: str = "") -> Path:
     panels = ((axes[0][0], hist.losses, "training loss"),
               (axes[0][1], hist.val, "validation loss (dynamic balance)"),
               (axes[1][0], hist.weights, "balance weight"))
+    names = sorted({n for _, series, _ in panels for n in series})
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    color = {n: palette(i % palette.N) for i, n in enumerate(names)}  # one colour per name
     for ax, series, label in panels:
         for name in sorted(series):
             pts = [(s, v) for s, v in series[name] if math.isfinite(v)]
             if pts:
-                ax.plot(*zip(*pts), label=name, marker="." if len(pts) < 40 else None)
+                ax.plot(*zip(*pts), label=name, color=color[name],
+                        marker="." if len(pts) < 40 else None)
         ax.set_title(label)
         if series:
             ax.legend(fontsize="small")
