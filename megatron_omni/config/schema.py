@@ -359,7 +359,12 @@ class DataConfig:
     """Path of tokenizer.json or a SentencePiece model."""
 
     num_workers: int = 0
-    """Data-loader worker processes per rank."""
+    """Data-loader worker processes per loader of a reading rank."""
+
+    load_once_per_mp_group: bool = True
+    """Only one rank per model-parallel group (TP rank 0 of the first pipeline stage) builds the
+    loaders, runs their workers and decodes; the others receive each batch by broadcast (the
+    media only on the first stage). false: every rank reads and decodes for itself."""
 
     seed: int = 1234
     """Shuffle seed."""

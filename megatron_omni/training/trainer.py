@@ -83,24 +83,38 @@ the ViT's segments (a device copy would only add a synchronisation)."""
 
 
 class EnergonData:
-    """Adapter: ``OmniLoaders`` -> the trainer's DataSource."""
+    """Adapter: ``OmniLoaders`` -> the trainer's DataSource.
+
+    With ``data.load_once_per_mp_group`` (default) only one rank per model-parallel group (TP
+    rank 0 of the first pipeline stage, ``data/mp_broadcast.py``) builds the loaders, runs their
+    worker processes and decodes (deferred media included, before the broadcast); every call is
+    collective over the model-parallel group and the other ranks receive what their stage needs.
+    The loader state is the reader's, shared at save time so that every rank's checkpoint file
+    holds it (a resume at another TP/PP layout, or with the setting switched, still finds it).
+    """
 
     def __init__(self, cfg: OmniConfig, tokenizer):
         from megatron.core import parallel_state as ps
 
         from ..data.loaders import OmniLoaders
 
+        self.feed = None
+        if cfg.data.load_once_per_mp_group:
+            from ..data.mp_broadcast import LoadOnceFeed
+
+            self.feed = LoadOnceFeed()
+        self.reads = self.feed is None or self.feed.is_reader
         # The DP rank is passed explicitly: every data-parallel rank must read its own slice.
         pref = cfg.alignment.preference_dataset if cfg.stage.name == "at" else None
         self.loaders = OmniLoaders(cfg.data, tokenizer, dp_rank=ps.get_data_parallel_rank(),
                                    dp_size=ps.get_data_parallel_world_size(),
                                    dp_group=ps.get_data_parallel_group(),
-                                   preference_modality=pref)
+                                   preference_modality=pref) if self.reads else None
         self.skipped_total = 0
         from ..data.media.deferred import make_training_decoder
 
         # Images/videos decoded here, on this process's GPU, when the loaders defer them.
-        self.decoder = make_training_decoder(cfg.data.media_backend)  # logs which path runs
+        self.decoder = make_training_decoder(cfg.data.media_backend) if self.reads else None
 
     def _decoded(self, b: dict, modality: str | None = None) -> dict:
         if self.decoder is None or "deferred_media" not in b:
@@ -113,7 +127,7 @@ class EnergonData:
                 self.loaders[modality].skipped[reason] += n - before.get(reason, 0)
         return b
 
-    def next(self, modality: str) -> dict:
+    def _read(self, modality: str) -> dict:
         b = self.loaders.next(modality)
         self.skipped_total += sum((b.get("skipped") or {}).values())
         if self.decoder is not None and "deferred_media" in b:
@@ -122,14 +136,39 @@ class EnergonData:
             self.skipped_total += sum(b["skipped"].values()) - n0
         return b
 
+    def next(self, modality: str) -> dict:
+        if self.feed is None:
+            return self._read(modality)
+        try:
+            b = self._read(modality) if self.reads else None
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank of the group by share
+            b = e
+        b = self.feed.share(b)
+        if not self.reads:  # the batch carries the reader's skip counts (decode included)
+            self.skipped_total += sum((b.get("skipped") or {}).values())
+        return b
+
     def val_batches(self, modality: str, n: int) -> list[dict]:
-        return [self._decoded(b) for b in self.loaders.val_loader(modality, limit=n)]
+        if self.feed is None:
+            return [self._decoded(b) for b in self.loaders.val_loader(modality, limit=n)]
+        got = None
+        if self.reads:
+            try:
+                got = [self._decoded(b) for b in self.loaders.val_loader(modality, limit=n)]
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank by share_object
+                got = e
+        count = self.feed.share_object(
+            (got if isinstance(got, BaseException) else len(got)) if self.reads else None)
+        return [self.feed.share(got[i] if self.reads else None) for i in range(count)]
 
     def save_state(self) -> dict:
-        return {"loaders": self.loaders.save_state(), "skipped_total": self.skipped_total}
+        state = {"loaders": self.loaders.save_state(), "skipped_total": self.skipped_total} \
+            if self.reads else None
+        return state if self.feed is None else self.feed.share_object(state)
 
     def restore_state(self, state: dict) -> None:
-        self.loaders.restore_state(state["loaders"])
+        if self.loaders is not None:
+            self.loaders.restore_state(state["loaders"])
         self.skipped_total = state.get("skipped_total", 0)
 
 
@@ -288,7 +327,10 @@ class Trainer:
                 seqlens = [e - s for s, e in zip(cu[:-1], cu[1:]) if e > s]
                 grids = b["vision_grid_thw"].tolist() if b.get("vision_grid_thw") is not None \
                     else []
-                frames = [max(1, int(w.numel()) // 960) for w in (b.get("audio_waveforms") or [])]
+                waves = b.get("audio_waveforms")
+                lengths = [int(w.numel()) for w in waves] if waves is not None else \
+                    [int(n) for n in b.get("audio_lengths", torch.zeros(0)).tolist()]
+                frames = [max(1, n // 960) for n in lengths]  # later stages get no waveforms
                 total += omni_row_flops(self.cfg, seqlens, grids, frames).total
         return total * torch.distributed.get_world_size() / max(
             1, _model_parallel_size())
