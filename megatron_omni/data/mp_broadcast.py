@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["FIRST_STAGE_ONLY", "LAST_STAGE_ONLY", "LoadOnceFeed", "broadcast_batch",
-           "reads_data", "stage_batch", "stage_keys"]
+           "reads_data", "recv_batch", "send_batch", "stage_batch", "stage_keys"]
 
 FIRST_STAGE_ONLY = ("vision_patches", "image_pixel_values", "video_pixel_values",
                     "audio_waveforms", "media")
@@ -167,6 +167,46 @@ def broadcast_batch(batch: Any, src: int, group=None) -> Any:
     dist.broadcast(buf, src=src, group=group)
     if is_src:
         return batch
+    out, at = [], 0
+    for (shape, dt, kind), n in zip(specs, sizes):
+        piece = buf[at:at + n]
+        at += _padded(n)
+        t = piece.view(dt).reshape(shape) if n else torch.empty(shape, dtype=dt, device=device)
+        out.append(t.to(_device_of(kind)))
+    return _unpack(structure, out[::-1])
+
+
+def send_batch(batch: Any, dst: int, group=None) -> None:
+    """Point to point: ``batch`` to the global rank ``dst`` (its :func:`recv_batch`), bit for bit
+    as :func:`broadcast_batch` (the structure, then one flat buffer)."""
+    tensors: list = []
+    dist.send_object_list([_pack(batch, tensors)], dst=dst, group=group)
+    if not sum(t.numel() for t in tensors):
+        return
+    device = _comm_device(group)
+    parts = []
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        parts.append(t.detach().contiguous().reshape(-1).view(torch.uint8).to(device))
+        if _padded(n) > n:
+            parts.append(torch.zeros(_padded(n) - n, dtype=torch.uint8, device=device))
+    dist.send(torch.cat(parts), dst=dst, group=group)
+
+
+def recv_batch(src: int, group=None) -> Any:
+    """The batch :func:`send_batch` sent from the global rank ``src``."""
+    holder = [None]
+    dist.recv_object_list(holder, src=src, group=group)
+    structure = holder[0]
+    specs: list = []
+    _specs(structure, specs)
+    sizes = [_nbytes(shape, dt) for shape, dt, _ in specs]
+    if not sum(sizes):
+        return _unpack(structure, [torch.empty(shape, dtype=dt, device=_device_of(kind))
+                                   for shape, dt, kind in reversed(specs)])
+    device = _comm_device(group)
+    buf = torch.empty(sum(_padded(n) for n in sizes), dtype=torch.uint8, device=device)
+    dist.recv(buf, src=src, group=group)
     out, at = [], 0
     for (shape, dt, kind), n in zip(specs, sizes):
         piece = buf[at:at + n]

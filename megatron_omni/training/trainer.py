@@ -111,6 +111,15 @@ class EnergonData:
                                    dp_group=ps.get_data_parallel_group(),
                                    preference_modality=pref) if self.reads else None
         self.skipped_total = 0
+        self.exchange = None
+        if cfg.data.dp_balance == "cost" and ps.get_data_parallel_world_size() > 1 \
+                and self.reads:
+            from ..data.dp_balance import CostModel, RowExchange
+
+            self.exchange = RowExchange(CostModel.from_config(cfg),
+                                        ps.get_data_parallel_group(),
+                                        target=cfg.data.dp_balance_target)
+        self.balanced = cfg.data.dp_balance == "cost" and ps.get_data_parallel_world_size() > 1
         from ..data.media.deferred import make_training_decoder
 
         # Images/videos decoded here, on this process's GPU, when the loaders defer them.
@@ -127,9 +136,12 @@ class EnergonData:
                 self.loaders[modality].skipped[reason] += n - before.get(reason, 0)
         return b
 
-    def _read(self, modality: str) -> dict:
+    def _read(self, modality: str, decode: bool = True) -> dict:
         b = self.loaders.next(modality)
         self.skipped_total += sum((b.get("skipped") or {}).values())
+        return self._decode_counted(b, modality) if decode else b
+
+    def _decode_counted(self, b: dict, modality: str) -> dict:
         if self.decoder is not None and "deferred_media" in b:
             n0 = sum((b.get("skipped") or {}).values())
             b = self._decoded(b, modality)
@@ -147,6 +159,36 @@ class EnergonData:
         if not self.reads:  # the batch carries the reader's skip counts (decode included)
             self.skipped_total += sum((b.get("skipped") or {}).values())
         return b
+
+    def next_step(self, modalities, n: int) -> dict[str, list[dict]]:
+        """The ``n`` micro-batches of every modality group of one step. With
+        ``data.dp_balance: cost`` the reading ranks balance them across the data-parallel ranks
+        by compute cost (``data/dp_balance.py``: swapped whole, before decoding), then decode and
+        hand them to their model-parallel group."""
+        if not self.balanced:
+            return {m: [self.next(m) for _ in range(n)] for m in modalities}
+        step = None
+        if self.reads:
+            try:
+                raw = {m: [self._read(m, decode=False) for _ in range(n)] for m in modalities}
+            except Exception as e:  # noqa: BLE001 - raised on every reader by the exchange
+                raw = e
+            try:
+                step = self.exchange.exchange(raw)
+                step = {m: [self._decode_counted(b, m) for b in step[m]] for m in modalities}
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank of the group
+                step = e
+        if self.feed is None:
+            if isinstance(step, BaseException):
+                raise step
+            return step
+        if isinstance(step, BaseException):
+            self.feed.share(step)  # raises, here and on the receivers
+        out = {m: [self.feed.share(step[m][k] if self.reads else None) for k in range(n)]
+               for m in modalities}
+        # Swapped batches carry their origin's skip counts: the reader's own total is shared.
+        self.skipped_total = self.feed.share_object(self.skipped_total if self.reads else None)
+        return out
 
     def val_batches(self, modality: str, n: int) -> list[dict]:
         if self.feed is None:
@@ -335,6 +377,13 @@ class Trainer:
         return total * torch.distributed.get_world_size() / max(
             1, _model_parallel_size())
 
+    def _draw_step(self, n: int) -> dict[str, list[dict]]:
+        """The step's micro-batches per modality group (balanced across DP ranks when the data
+        source does that: ``EnergonData.next_step``)."""
+        if hasattr(self.data, "next_step"):
+            return self.data.next_step(self.modalities, n)
+        return {m: [self.data.next(m) for _ in range(n)] for m in self.modalities}
+
     def save(self) -> Optional[Path]:
         if not self.cfg.training.save:
             return None
@@ -438,8 +487,8 @@ class Trainer:
             self.preference_eval_start = self.preference_eval()
         while self.step < tr.train_iters:
             t0 = time.perf_counter()
-            groups = {m: [to_model_batch(self.data.next(m))
-                          for _ in range(tr.num_micro_batches)] for m in self.modalities}
+            groups = {m: [to_model_batch(b) for b in bs]
+                      for m, bs in self._draw_step(tr.num_micro_batches).items()}
             weights = self.current_weights()
             for m in self.model:
                 m.zero_grad_buffer()

@@ -6,6 +6,8 @@ without the media; the losses equal the run where every rank reads (bitwise), sk
 on every rank, and a load-once run stopped at step 2 and resumed ends bitwise like the
 uninterrupted one."""
 
+import json
+
 import pytest
 from dist_utils import run_workers, tiny_run_overrides
 from tiny_data import prepare_tiny_dataset
@@ -28,7 +30,10 @@ def result(tmp_path_factory):
                               "stage.balance_scale=3.0", "parallel.tensor_model_parallel_size=2",
                               "parallel.pipeline_model_parallel_size=2")
     over = [o for o in over if not o.startswith("training.save=")]
-    return run_workers("load_once_run.py", 4, [str(base / "runs"), *over], timeout=900)
+    runs = [["off", "off", ["data.load_once_per_mp_group=false"]], ["on", "on", []],
+            ["part", "part", ["training.exit_interval=2"]], ["part_resumed", "part", []]]
+    return run_workers("trainer_runs.py", 4, [str(base / "runs"), json.dumps(runs), *over],
+                       timeout=900)
 
 
 def by_rank(reports):

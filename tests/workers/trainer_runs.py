@@ -1,15 +1,16 @@
-"""Worker: the real Trainer on Energon data at TP2 x PP2 (4 gloo ranks), the data read by every
-rank (``data.load_once_per_mp_group=false``) vs once per model-parallel group, in one launch.
+"""Worker: several short runs of the real Trainer on Energon data in one launch (gloo ranks),
+one after the other from the same seeds, for the load-once and DP-balance tests.
 
-argv: result.json, then the save root, then key=value overrides of the tiny run (without
-``training.save``). Runs, one after the other, from the same seeds: ``off`` (every rank reads),
-``on`` (one reader), ``part`` (load-once, stops after 2 steps) and ``resumed`` (continues
-``part``). Per run and rank: the loss history, the OmniLoaders objects built, the loader worker
-processes seen (new child processes while batches are drawn), a digest of every batch drawn and
-the skipped-sample count. Rank 0 writes {run: [per-rank reports]}.
+argv: result.json, the save root, a JSON list of runs ``[name, save dir name, [overrides]]``,
+then the key=value overrides every run shares (without ``training.save``). Per run and rank:
+the loss history, the OmniLoaders objects built, the loader worker processes seen (new child
+processes while batches are drawn), per step a digest and the sample names of every micro-batch
+drawn (``next_step``), this rank's step cost (``CostModel.batch_cost``), the micro-batches
+its DP exchange sent and the skipped-sample count. Rank 0 writes {run: [per-rank reports]}.
 """
 
 import hashlib
+import json
 import sys
 
 import psutil
@@ -25,6 +26,7 @@ from megatron.core import tensor_parallel  # noqa: E402
 
 from megatron_omni.config import load_config  # noqa: E402
 from megatron_omni.data import loaders as loaders_mod  # noqa: E402
+from megatron_omni.data.dp_balance import CostModel  # noqa: E402
 from megatron_omni.parallel import runtime  # noqa: E402
 from megatron_omni.training.trainer import Trainer  # noqa: E402
 
@@ -52,45 +54,48 @@ def digest(v):
     return repr(v)
 
 
-def run(name, save_root, overrides, *extra):
-    cfg = load_config(None, [*overrides, f"training.save={save_root}/{name.split('_')[0]}",
-                             *extra])
+def run(name, save_dir, save_root, overrides, *extra):
+    cfg = load_config(None, [*overrides, f"training.save={save_root}/{save_dir}", *extra])
     seed = cfg.training.seed
     if not ps.model_parallel_is_initialized():
         runtime.initialize(cfg.parallel, seed=seed)
     BUILT["n"] = 0
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
-    workers, batches = set(), []
+    workers, batches, names, costs = set(), [], [], []
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     trainer = Trainer(cfg, printer=lambda s: None)
     trainer.setup()
-    orig = trainer.data.next
+    orig = trainer.data.next_step
+    cost = CostModel.from_config(cfg)
 
-    def next_recorded(modality):
-        b = orig(modality)
+    def next_step_recorded(modalities, n):
+        step = orig(modalities, n)
         workers.update(p.pid for p in me.children(recursive=True) if p.pid not in before)
-        batches.append(digest(b))
-        return b
+        for m in modalities:
+            batches.extend(digest(b) for b in step[m])
+            names.append([m, [list(b["sample_names"]) for b in step[m]]])
+        costs.append(sum(cost.batch_cost(b) for bs in step.values() for b in bs))
+        return step
 
-    trainer.data.next = next_recorded
+    trainer.data.next_step = next_step_recorded
     s = trainer.train()
+    ex = trainer.data.exchange
     return {"history": s.loss_history, "last_step": s.last_step, "loaders": BUILT["n"],
-            "workers": len(workers), "batches": batches,
+            "workers": len(workers), "batches": batches, "names": names, "costs": costs,
+            "moved": ex.moved if ex is not None else 0,
             "skipped": trainer.data.skipped_total, "reads": trainer.data.reads,
             "rank": torch.distributed.get_rank(),
+            "dp": ps.get_data_parallel_rank(),
             "pp": ps.get_pipeline_model_parallel_rank(),
             "tp": ps.get_tensor_model_parallel_rank()}
 
 
-def main(out_path, save_root, overrides):
+def main(out_path, save_root, runs, overrides):
     out = {}
-    for name, extra in (("off", ["data.load_once_per_mp_group=false"]),
-                        ("on", []),
-                        ("part", ["training.exit_interval=2"]),
-                        ("part_resumed", [])):
-        rep = run(name, save_root, overrides, *extra)
+    for name, save_dir, extra in json.loads(runs):
+        rep = run(name, save_dir, save_root, overrides, *extra)
         everything = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(everything, rep)
         out[name] = everything
@@ -98,4 +103,4 @@ def main(out_path, save_root, overrides):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])
