@@ -4,7 +4,8 @@ worker process per loader): only the first stage's TP rank 0 builds loaders and 
 processes; both ranks of a TP group draw identical batches, the later stage the same batches
 without the media; the losses equal the run where every rank reads (bitwise), skip counts agree
 on every rank, and a load-once run stopped at step 2 and resumed ends bitwise like the
-uninterrupted one."""
+uninterrupted one. With deferred decoding (images/videos decoded in the training process) only
+the reader decodes, before the broadcast, and the losses are those of worker decoding."""
 
 import json
 
@@ -31,7 +32,8 @@ def result(tmp_path_factory):
                               "parallel.pipeline_model_parallel_size=2")
     over = [o for o in over if not o.startswith("training.save=")]
     runs = [["off", "off", ["data.load_once_per_mp_group=false"]], ["on", "on", []],
-            ["part", "part", ["training.exit_interval=2"]], ["part_resumed", "part", []]]
+            ["part", "part", ["training.exit_interval=2"]], ["part_resumed", "part", []],
+            ["deferred", "deferred", ["data.media_backend=deferred", "training.exit_interval=2"]]]
     return run_workers("trainer_runs.py", 4, [str(base / "runs"), json.dumps(runs), *over],
                        timeout=900)
 
@@ -79,3 +81,11 @@ def test_resume_is_exact(result):
     for r in range(4):
         assert part[r]["history"] + resumed[r]["history"] == on[r]["history"]
     assert resumed[0]["batches"] == on[0]["batches"][len(part[0]["batches"]):]
+
+
+def test_deferred_decoding_runs_on_the_reader_only(result):
+    on, deferred = by_rank(result["on"]), by_rank(result["deferred"])
+    assert [deferred[r]["decoder"] for r in range(4)] == [True, False, False, False]
+    assert [deferred[r]["loaders"] for r in range(4)] == [1, 0, 0, 0]
+    for r in range(4):
+        assert deferred[r]["history"] == on[r]["history"][:2]  # bitwise: same pixels

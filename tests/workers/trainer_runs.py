@@ -85,6 +85,7 @@ def run(name, save_dir, save_root, overrides, *extra):
     return {"history": s.loss_history, "last_step": s.last_step, "loaders": BUILT["n"],
             "workers": len(workers), "batches": batches, "names": names, "costs": costs,
             "moved": ex.moved if ex is not None else 0,
+            "decoder": trainer.data.decoder is not None,
             "skipped": trainer.data.skipped_total, "reads": trainer.data.reads,
             "rank": torch.distributed.get_rank(),
             "dp": ps.get_data_parallel_rank(),
