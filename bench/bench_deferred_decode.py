@@ -28,7 +28,7 @@ from make_synthetic_dataset import corpus_texts, make_synthetic_dataset  # noqa:
 
 from megatron_omni.config.schema import DataConfig  # noqa: E402
 from megatron_omni.data.loaders import OmniLoaders  # noqa: E402
-from megatron_omni.data.media.backends import CPUBackend  # noqa: E402
+from megatron_omni.data.media.cpu_decode import CPUBackend  # noqa: E402
 from megatron_omni.data.media.deferred import TrainingDecoder  # noqa: E402
 from megatron_omni.data.preprocess import preprocess  # noqa: E402
 from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer  # noqa: E402

@@ -56,9 +56,9 @@ def main(argv=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from megatron_omni.config import ParallelConfig, load_config
-    from megatron_omni.convert.llama import hf_to_megatron, llm_config_from_hf
     from megatron_omni.models.attention import packed_seq_params
     from megatron_omni.models.llm import build_llm, load_full_llm_state
+    from megatron_omni.models.weight_maps.llm import hf_to_megatron, llm_config_from_hf
     from megatron_omni.parallel import runtime
 
     torch.set_num_threads(args.threads)

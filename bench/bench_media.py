@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_omni.data.media.backends import CPUBackend, DALIBackend, dali_available  # noqa: E402
+from megatron_omni.data.media import CPUBackend, DALIBackend, dali_available  # noqa: E402
 from megatron_omni.data.media.processor import MediaProcessor  # noqa: E402
 from megatron_omni.data.media.vision import VideoSettings  # noqa: E402
 

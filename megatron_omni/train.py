@@ -6,6 +6,11 @@ validates the config (before any process group starts), builds everything, train
     torchrun --nproc-per-node 2 -m megatron_omni.train --config examples/stages/tiny/pt3.yaml
     python -m megatron_omni.train --config ... --calibrate-step-balance weights.json
     python -m megatron_omni.train --config ... --print-config      # validate and show, no run
+
+Process log: Python logging, one line per record with time, rank and level (rank 0 at
+``--log-level``, INFO by default; the other ranks at ``--other-ranks-log-level``, WARNING), e.g.
+``2026-12-03 14:02:11 [rank 0] INFO megatron_omni.training.checkpoint: saved checkpoint ...``.
+Every field of the config: ``python -m megatron_omni.config --explain``.
 """
 
 from __future__ import annotations
@@ -26,11 +31,26 @@ def parse_args(argv=None):
                         "balance weights there (PT-3 reads them via stage.step_balance_file)")
     p.add_argument("--print-config", action="store_true",
                    help="validate the config, print it as YAML and exit")
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="Python log level of rank 0 (default INFO)")
+    p.add_argument("--other-ranks-log-level", default="WARNING", type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="log level of every other rank (default WARNING: one copy of the INFO "
+                        "lines, warnings from every rank)")
+    p.add_argument("--megatron-log-level", default="WARNING", type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="least level shown from megatron-core's own loggers (default WARNING; "
+                        "INFO adds its DDP bucket and optimizer set-up listings)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from .training.logging import setup_logging
+
+    setup_logging(level=args.log_level, other_ranks_level=args.other_ranks_log_level,
+                  megatron_level=args.megatron_log_level)
     from .config import ConfigError, load_config, to_dict
 
     try:
@@ -47,11 +67,11 @@ def main(argv=None) -> int:
     from .parallel.cpu_compat import import_megatron_fast
 
     import_megatron_fast()
-    from .training import checkpoint as ckpt
+    from .training import signals
 
     # Before the (long) build and checkpoint load, so a preemption signal then is not fatal:
     # the first step boundary saves and exits with REQUEUE_EXIT_CODE.
-    ckpt.install_signal_handlers()
+    signals.install_signal_handlers()
     from .training.trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -65,7 +85,7 @@ def main(argv=None) -> int:
         return 0
     summary = trainer.train()
     if summary.stopped_by_signal:
-        return ckpt.REQUEUE_EXIT_CODE
+        return signals.REQUEUE_EXIT_CODE
     return 0
 
 

@@ -38,19 +38,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# The names megatron_omni/data/preprocess.py writes (kept in sync by tests/slurm/test_slurm.py).
-# Importing that module pulls in the media stack, so it is imported only where Energon is needed.
-OMNI_META = "omni.json"
-REPORT_NAME = "preprocess_report.json"
-SKIPPED_NAME = "skipped.jsonl"
-SPLITS = ("train", "val")
+# The dataset format preprocessing writes (a light module: no media stack, no torch).
+from megatron_omni.data.format import (  # noqa: E402
+    ENERGON_INDEX_FILES,
+    OMNI_META,
+    REPORT_NAME,
+    SKIPPED_NAME,
+    SPLITS,
+    prepare_energon,
+)
 
 DONE = ".done"
 """Marker an array task writes into its part directory after preprocessing and rekeying."""
 EXPECTED = "expected_parts"
 """``OUT/parts/expected_parts``: how many parts the list had (written by every array task)."""
 REKEYED = ".rekeyed"
-_INDEX_FILES = ("index.sqlite", "index.uuid", ".info.json", ".info.yaml", "split.yaml")
 
 
 class MergeError(RuntimeError):
@@ -115,7 +117,7 @@ def rekey_part(part: Path, prefix: str | None = None) -> int:
         # The part's own Energon index names the old keys: drop it (merge indexes everything).
         for idx in ds.glob("*.tar.idx"):
             idx.unlink()
-        for name in _INDEX_FILES:
+        for name in ENERGON_INDEX_FILES:
             (ds / ".nv-meta" / name).unlink(missing_ok=True)
     marker.write_text(prefix + "\n")
     return n
@@ -188,9 +190,7 @@ def merge(out: Path, workers: int = 1, allow_missing: bool = False) -> dict:
             print(f"merge_parts: modality {m}: no training shard in any part; skipped",
                   file=sys.stderr)
             continue
-        from megatron_omni.data.preprocess import _prepare_energon
-
-        _prepare_energon(ds, shards, m, workers)
+        prepare_energon(ds, shards, m, workers)
         meta = dict(metas[0])
         meta["splits"] = {sp: sum(x.get("splits", {}).get(sp, 0) for x in metas)
                           for sp in SPLITS if any(sp in x.get("splits", {}) for x in metas)}

@@ -823,7 +823,7 @@ def stage_dali_decode(ctx: Ctx) -> dict:
     need("nvidia.dali")
     import numpy as np
 
-    from megatron_omni.data.media.backends import CPUBackend, DALIBackend
+    from megatron_omni.data.media import CPUBackend, DALIBackend
 
     cpu = CPUBackend()
     dali = DALIBackend(device="gpu" if ctx.cuda else "cpu")

@@ -1,17 +1,21 @@
-"""Load a run configuration: YAML file + ``key.sub=value`` overrides -> validated dataclasses."""
+"""Load a run configuration: YAML file + ``key.sub=value`` overrides -> validated dataclasses;
+and read back the config a checkpoint was saved with (:func:`parse_saved_config`)."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
 import difflib
+import logging
 import typing
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import yaml
 
 from .schema import ConfigError, OmniConfig
+
+log = logging.getLogger(__name__)
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -113,14 +117,18 @@ def parse_overrides(items: Iterable[str]) -> dict:
     return out
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: Mapping, over: Mapping) -> dict:
+    """``over`` laid over ``base``, nested mappings merged key by key (neither is changed)."""
     out = dict(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
         else:
             out[k] = v
     return out
+
+
+_merge = merge  # the name the converters import
 
 
 def to_dict(cfg) -> dict:
@@ -136,7 +144,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     data: dict = {}
     if path is not None:
         data = _read_yaml(Path(path))
-    data = _merge(data, parse_overrides(overrides))
+    data = merge(data, parse_overrides(overrides))
     cfg = from_dict(OmniConfig, data)
     from .validate import validate
 
@@ -190,8 +198,112 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     base = data.pop("base", None)
     if base:
         parent = _read_yaml((path.parent / base), seen + (path.resolve(),))
-        data = _merge(parent, data)
+        data = merge(parent, data)
     return data
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A config YAML file as a nested dict (``base:`` files resolved, duplicate keys refused),
+    not yet built or validated."""
+    return _read_yaml(Path(path))
+
+
+# --------------------------------------------------------------------------- saved configs
+
+SAVED_CONFIG_STRICT_SECTIONS = ("model",)
+"""Sections of a saved config in which a key this version does not know is an error."""
+
+
+def _unknown_paths(cls, data: Mapping, prefix: str = "") -> list[str]:
+    types = _field_types(cls)
+    out = []
+    for k, v in data.items():
+        if k not in types:
+            out.append(f"{prefix}{k}")
+        elif dataclasses.is_dataclass(types[k]) and isinstance(v, Mapping):
+            out += _unknown_paths(types[k], v, f"{prefix}{k}.")
+    return out
+
+
+def _without(data: Mapping, paths: Iterable[str]) -> dict:
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    for path in paths:
+        *parents, last = path.split(".")
+        node = out
+        for p in parents:
+            node[p] = dict(node[p])
+            node = node[p]
+        node.pop(last, None)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedConfig:
+    """The run config a checkpoint was saved with: the YAML dump of the whole
+    :class:`OmniConfig`, written by the megatron-omni version that trained it (every checkpoint
+    reader goes through :func:`parse_saved_config`; ``training.checkpoint.read_saved_config``
+    finds it in a checkpoint).
+
+    The one rule for keys this version does not know (a checkpoint of another version):
+
+    * under ``model`` (:data:`SAVED_CONFIG_STRICT_SECTIONS`): a :class:`ConfigError` naming every
+      one of them. The model section decides which weights exist and what they mean; dropping a
+      setting the weights depend on would build another architecture and load the weights into
+      it, or fail later with an error that does not say why. Use the megatron-omni version that
+      wrote the checkpoint (or, for generation, pass a config file).
+    * anywhere else (parallel, data, training, stage, alignment): dropped, with one warning
+      naming every one of them. Those settings say how the run was trained, not how to read its
+      weights; a renamed logging or data option must not lock anyone out of a checkpoint.
+
+    Values of known keys are checked as in any config (:func:`from_dict`).
+    """
+
+    raw: dict
+    """The saved config as written (every key; e.g. for a LoRA scale the schema lost)."""
+    where: str
+    """The checkpoint, for messages."""
+
+    def unknown_keys(self) -> list[str]:
+        """Dotted paths of the keys this version does not know."""
+        return _unknown_paths(OmniConfig, self.raw)
+
+    def data(self) -> dict:
+        """The saved config with the rule above applied: a dict :func:`from_dict` accepts."""
+        unknown = self.unknown_keys()
+        strict = [k for k in unknown if k.split(".")[0] in SAVED_CONFIG_STRICT_SECTIONS]
+        if strict:
+            raise ConfigError(
+                f"{self.where}: the saved run config has model settings this version of "
+                f"megatron-omni does not know: {', '.join(strict)}. They decide the model's "
+                f"weights, so the checkpoint cannot be read safely; use the megatron-omni version "
+                f"that wrote it (or pass a config file that describes the model)")
+        if unknown:
+            log.warning("%s: ignoring saved config keys unknown to this version of megatron-omni "
+                        "(they do not affect the weights): %s", self.where, ", ".join(unknown))
+        return _without(self.raw, unknown)
+
+    def config(self, overrides: Iterable[str] | Mapping = ()) -> OmniConfig:
+        """The :class:`OmniConfig` (``overrides``: ``key=value`` strings or a nested dict, laid
+        over it); built, not validated against a world size."""
+        over = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+        return from_dict(OmniConfig, merge(self.data(), over))
+
+
+def parse_saved_config(text: str | None, where: str) -> SavedConfig:
+    """The :class:`SavedConfig` of a checkpoint's saved config YAML (``checkpoint_meta
+    ["config"]``); a ConfigError if there is none or it does not parse."""
+    if not text:
+        raise ConfigError(f"{where} holds no run config (it was not saved by megatron-omni's "
+                          f"save_checkpoint with the run config); pass the training config YAML")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: the saved run config is not valid YAML ({e})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the saved run config is not a mapping")
+    return SavedConfig(raw, where)
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -472,6 +472,13 @@ class TrainingConfig:
     tensorboard_dir: Optional[str] = None
     """TensorBoard log directory (None = ``<save>/tensorboard`` when saving, else none)."""
 
+    wandb_project: Optional[str] = None
+    """Weights & Biases project: when set, the logging rank sends the TensorBoard scalars there
+    too (needs ``pip install wandb``; ``WANDB_MODE=offline`` logs without a network). None = off."""
+
+    wandb_run_name: Optional[str] = None
+    """Weights & Biases run name (None = the name wandb generates); needs training.wandb_project."""
+
     exit_interval: Optional[int] = None
     """Stop (after saving) once this many steps ran in this process; None = run to train_iters.
     Lets a test or a time-limited job end cleanly and resume later."""
@@ -557,6 +564,11 @@ class TrainingConfig:
                 f"training.{name} must be in [0, 1), got {getattr(self, name)}",
             )
         _check(self.adam_eps > 0, f"training.adam_eps must be > 0, got {self.adam_eps}")
+        _check(
+            self.wandb_run_name is None or bool(self.wandb_project),
+            "training.wandb_run_name is set but training.wandb_project is not; set the project "
+            "(Weights & Biases logging is off without it)",
+        )
         _check(
             self.exit_interval is None or self.exit_interval >= 1,
             f"training.exit_interval must be >= 1 or null, got {self.exit_interval}",

@@ -28,6 +28,16 @@ def llm_layers_per_stage(num_layers: int, pp: int, first_stage: Optional[int], v
     return [first_stage] + [rest // (pp - 1)] * (pp - 1)
 
 
+def wandb_available() -> bool:
+    """Whether ``import wandb`` would find the package (without importing it: it is slow)."""
+    import importlib.util
+    import sys
+
+    if "wandb" in sys.modules:
+        return sys.modules["wandb"] is not None
+    return importlib.util.find_spec("wandb") is not None
+
+
 def validate(cfg: OmniConfig, world_size: Optional[int] = None, training: bool = True) -> None:
     """Raise ConfigError with an actionable message for an inconsistent configuration.
 
@@ -116,6 +126,10 @@ def validate(cfg: OmniConfig, world_size: Optional[int] = None, training: bool =
                       "training.use_distributed_optimizer=true: megatron-core's non-distributed "
                       "bf16 optimizer cannot checkpoint fp32 parameters; or set "
                       "stage.train_audio=false")
+    if cfg.training.wandb_project and training and not wandb_available():
+        errors.append(f"training.wandb_project={cfg.training.wandb_project!r} needs the wandb "
+                      f"package, which is not installed: pip install wandb (or unset "
+                      f"training.wandb_project)")
     if cfg.training.fp8 and cfg.model.transformer_impl == "local":
         errors.append("training.fp8 needs model.transformer_impl=transformer_engine (or auto on a "
                       "GPU with Transformer Engine)")

@@ -91,7 +91,7 @@ def validate_data(cfg: OmniConfig, need_data: bool = True) -> Optional[object]:
     if tok is None:
         errors.append("data.tokenizer is not set; give the tokenizer the data was preprocessed "
                       "with")
-    from ..data.preprocess import OMNI_META, tokenizer_fingerprint
+    from ..data.format import is_prepared, omni_meta_path, tokenizer_fingerprint
 
     fp = tokenizer_fingerprint(tok) if tok is not None else None
     wanted = list(d.modalities)
@@ -100,8 +100,8 @@ def validate_data(cfg: OmniConfig, need_data: bool = True) -> Optional[object]:
     for m in wanted:
         ds = root / m
         why = "" if m in d.modalities else " (needed by data.pure_text_ratio > 0)"
-        meta_file = ds / ".nv-meta" / OMNI_META
-        if not (ds / ".nv-meta" / "dataset.yaml").is_file() or not meta_file.is_file():
+        meta_file = omni_meta_path(ds)
+        if not is_prepared(ds):
             errors.append(f"no prepared dataset for modality {m!r}{why} at {ds}; run "
                           f"tools/preprocess_data.py on {m}.jsonl, or remove {m} from "
                           f"data.modalities")

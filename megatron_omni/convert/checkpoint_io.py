@@ -41,7 +41,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .param_map import ConversionError
+from ..models.weight_maps.core import ConversionError
 
 log = logging.getLogger(__name__)
 
@@ -474,39 +474,6 @@ def ensure_single_rank_megatron() -> None:
 # --- our distributed checkpoints -----------------------------------------------------------------
 
 _STACKED = re.compile(r"^(?P<pre>(?:.*\.)?layers\.)(?P<post>(?!\d+\.).+)$")
-_LORA = re.compile(r"\.lora_([AB])(\.[^.]+)?\.weight$")
-
-
-def _config_from_yaml(text: Optional[str], where: str):
-    """OmniConfig from a saved config YAML, dropping keys this version does not know (a newer
-    checkpoint, e.g. with a LoRA section) with a warning."""
-    import dataclasses
-    import typing
-
-    import yaml
-
-    from ..config import OmniConfig, from_dict
-
-    if not text:
-        raise ConversionError(f"{where} holds no run config; it was not saved by megatron-omni's "
-                              f"save_checkpoint with cfg")
-    raw = yaml.safe_load(text) or {}
-
-    def prune(cls, data: dict, prefix: str) -> dict:
-        hints = typing.get_type_hints(cls)
-        out = {}
-        for k, v in data.items():
-            if k not in hints:
-                log.warning("%s: ignoring config key %s%s unknown to this version", where,
-                            prefix, k)
-                continue
-            typ = hints[k]
-            if dataclasses.is_dataclass(typ) and isinstance(v, dict):
-                v = prune(typ, v, f"{prefix}{k}.")
-            out[k] = v
-        return out
-
-    return from_dict(OmniConfig, prune(OmniConfig, raw, "")), raw
 
 
 class MegatronCheckpointReader:
@@ -525,8 +492,9 @@ class MegatronCheckpointReader:
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
         from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-        from ..training.checkpoint import FORMAT, META_KEY, resolve_checkpoint
-        from .qwen2vl import from_te_layout
+        from ..config.schema import ConfigError
+        from ..models.weight_maps.sharding import local_name
+        from ..training.checkpoint import FORMAT, META_KEY, read_saved_config, resolve_checkpoint
 
         ensure_process_group()
         try:
@@ -539,7 +507,11 @@ class MegatronCheckpointReader:
             raise ConversionError(f"{self.dir} is not a megatron-omni checkpoint ({FORMAT})")
         self.meta = meta
         self.extra_state = common.get("extra_state") or {}
-        self.cfg, self.raw_config = _config_from_yaml(meta.get("config"), str(self.dir))
+        try:  # the one reader of a checkpoint's saved config (its rule for unknown keys)
+            saved = read_saved_config(self.dir, meta)
+            self.cfg, self.raw_config = saved.config(), saved.raw
+        except ConfigError as e:
+            raise ConversionError(str(e)) from e
         self._entries: dict[str, tuple[str, Optional[int], tuple, torch.dtype]] = {}
         for key, st in load_sharded_metadata(str(self.dir)).items():
             if not isinstance(st, ShardedTensor) or key.startswith("optimizer."):
@@ -549,10 +521,10 @@ class MegatronCheckpointReader:
             if m:
                 for i in range(shape[0]):
                     name = f"{m.group('pre')}{i}.{m.group('post')}"
-                    name = next(iter(from_te_layout({name: None})))
+                    name = local_name(name)
                     self._entries[name] = (st.key, i, shape, st.dtype)
             else:
-                name = next(iter(from_te_layout({st.key: None})))
+                name = local_name(st.key)
                 self._entries[name] = (st.key, None, shape, st.dtype)
         # PEFT-style names: ``x.base_layer.weight`` is the base of ``x.lora_A...``.
         self._entries = {k.replace(".base_layer.", "."): v for k, v in self._entries.items()}
@@ -603,12 +575,16 @@ class MegatronCheckpointReader:
     # -- LoRA
     def lora_pairs(self) -> dict[str, tuple[str, str]]:
         """Base weight name -> (lora_A name, lora_B name)."""
+        from ..training.lora import lora_pairs
+
         return lora_pairs(self._entries)
 
     def read_merged(self, names: Sequence[str], scale: Optional[float]
                     ) -> dict[str, torch.Tensor]:
         """Like :meth:`read_many`, with ``W + scale * B @ A`` for weights that have a LoRA
         delta."""
+        from ..training.lora import merge_lora
+
         pairs = self.lora_pairs()
         extra = [n for name in names if name in pairs for n in pairs[name]]
         got = self.read_many(list(names) + extra)
@@ -628,61 +604,19 @@ class MegatronCheckpointReader:
         """``alpha / rank`` from the saved run config if it names them: ``lora_alpha`` with
         ``lora_rank`` (or ``lora_r``) in one section, or a ``lora`` section with ``alpha`` and
         ``rank`` (or ``r``)."""
+        from ..training.lora import lora_scale_from_config
+
         return lora_scale_from_config(self.raw_config)
 
 
-def lora_scale_from_config(raw) -> Optional[float]:
-    if not isinstance(raw, dict):
-        return None
-    for alpha_key, rank_keys, section in (("lora_alpha", ("lora_rank", "lora_r"), raw),
-                                          ("alpha", ("rank", "r"), raw.get("lora"))):
-        if isinstance(section, dict) and alpha_key in section:
-            rank = next((section[k] for k in rank_keys if section.get(k)), None)
-            if rank:
-                return float(section[alpha_key]) / float(rank)
-    for v in raw.values():
-        found = lora_scale_from_config(v)
-        if found is not None:
-            return found
-    return None
+_LORA_NAMES = ("is_lora_name", "lora_pairs", "lora_scale_from_config", "merge_lora")
 
 
-def lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
-    """Find LoRA deltas: ``X.lora_A[.adapter].weight`` + ``X.lora_B[.adapter].weight`` belong
-    to the base weight ``X.weight``. A lone A or B is an error."""
-    names = set(names)
-    pairs = {}
-    for n in names:
-        m = _LORA.search(n)
-        if not m or m.group(1) != "A":
-            continue
-        base = n[:m.start()] + ".weight"
-        b = n[:m.start()] + f".lora_B{m.group(2) or ''}.weight"
-        if b not in names:
-            raise ConversionError(f"LoRA tensor {n} has no matching {b}")
-        if base not in names:
-            raise ConversionError(f"LoRA tensor {n} has no base weight {base}")
-        pairs[base] = (n, b)
-    lone_b = [n for n in names if (m := _LORA.search(n)) and m.group(1) == "B"
-              and n not in {p[1] for p in pairs.values()}]
-    if lone_b:
-        raise ConversionError(f"LoRA tensor(s) without lora_A: {sorted(lone_b)[:4]}")
-    return pairs
+def __getattr__(name: str):
+    """The LoRA merge helpers live in ``training/lora.py`` (next to the adapters; it imports
+    megatron-core, so they are re-exported here lazily, for the old import path)."""
+    if name in _LORA_NAMES:
+        from ..training import lora
 
-
-def is_lora_name(name: str) -> bool:
-    return _LORA.search(name) is not None
-
-
-def merge_lora(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
-               ) -> torch.Tensor:
-    """``W + scale * B @ A`` (computed in float32, returned in W's dtype).
-
-    Shapes: W ``[out, in]``, A ``[r, in]``, B ``[out, r]``, all in the global (TP=1) layout of
-    the base weight (for the gated ``linear_fc1``, B's rows follow W's ``[gate; up]`` order)."""
-    if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or \
-            (b.shape[0], a.shape[1]) != tuple(weight.shape):
-        raise ConversionError(f"LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit "
-                              f"W{tuple(weight.shape)}")
-    delta = b.to(torch.float32) @ a.to(torch.float32)
-    return (weight.to(torch.float32) + scale * delta).to(weight.dtype)
+        return getattr(lora, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

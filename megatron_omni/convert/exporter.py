@@ -3,14 +3,15 @@ logit check against transformers (``verify``).
 
 Export runs in ONE process whatever TP/PP the checkpoint was saved at: it reads the global (TP=1)
 view one transformer layer at a time (:class:`.checkpoint_io.MegatronCheckpointReader`),
-converts that layer's tensors (:func:`.param_map.export_tensors`) and hands them to a shard
-writer that flushes a ``*.safetensors`` file whenever ``max_shard_bytes`` is reached. Peak memory
-is about one layer plus one shard.
+converts that layer's tensors through the weight maps (``models/weight_maps``) and hands them to
+a shard writer that flushes a ``*.safetensors`` file whenever ``max_shard_bytes`` is reached.
+Peak memory is about one layer plus one shard.
 
 LoRA: parameters named ``X.lora_A[.name].weight`` / ``X.lora_B[.name].weight`` are merged into
-``X.weight`` as ``W + scale * B @ A`` (scale = ``--lora-scale``, else ``lora_alpha / lora_rank``
-from the saved run config). Alignment-stage (AT) checkpoints hold them in that layout
-(``training/lora.py``); other checkpoints have none and this step does nothing.
+``X.weight`` as ``W + scale * B @ A`` before the map (``training/lora.py``: ``merge_lora``;
+scale = ``--lora-scale``, else ``lora_alpha / lora_rank`` from the saved run config).
+Alignment-stage (AT) checkpoints hold them in that layout (``training/lora.py``); other
+checkpoints have none and this step does nothing.
 """
 
 from __future__ import annotations
@@ -24,13 +25,9 @@ from typing import Optional
 import torch
 
 from ..data.special_tokens import NUM_SPECIAL, SPECIAL_TOKENS
-from .checkpoint_io import (
-    MegatronCheckpointReader,
-    ShardedSafetensorsWriter,
-    atomic_output,
-    is_lora_name,
-)
-from .param_map import ConversionError, export_tensors, group_units, llama_links
+from ..models.weight_maps import llm as llm_map
+from ..models.weight_maps.core import ConversionError, export_tensors, group_units
+from .checkpoint_io import MegatronCheckpointReader, ShardedSafetensorsWriter, atomic_output
 from .release import (
     check_release_expressible,
     dtype_name,
@@ -106,6 +103,8 @@ def export_checkpoint(checkpoint, out, fmt: str = "release", force: bool = False
     """
     from tqdm import tqdm
 
+    from ..training.lora import is_lora_name
+
     if fmt not in FORMATS:
         raise ConversionError(f"unknown export format {fmt!r}; use one of {FORMATS}")
     out = Path(out)
@@ -119,7 +118,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "release", force: bool = False
         check_release_expressible(cfg)
         links = release_links(cfg)
     else:
-        links = llama_links(cfg.model.llm, ours="llm.", hf="")
+        links = llm_map.links(cfg.model.llm, ours="llm.", hf="")
     targets = {link.ours for link in links}
     names = [n for n in reader.names() if not is_lora_name(n)]
     lacking = sorted(targets - set(names))
@@ -189,6 +188,7 @@ def load_llm_from_checkpoint(checkpoint, lora_scale: Optional[float] = None):
     weights, read through the streaming reader (any saved TP/PP; vocabulary padding re-done)."""
     from ..config.validate import padded_vocab_size
     from ..models.llm import build_llm, load_full_llm_state
+    from ..training.lora import is_lora_name
     from .checkpoint_io import ensure_single_rank_megatron
 
     reader = MegatronCheckpointReader(checkpoint)

@@ -17,9 +17,9 @@ as the mean of the existing rows. Projectors without a source are initialised fr
 alone (same on every rank and every layout).
 
 Every rank builds its own model chunks for the requested TP/PP, reads exactly the slices of the
-source tensors its parameters hold (:mod:`.param_map`) and the checkpoint is written with
-megatron-omni's ``save_checkpoint`` (step 0), so ``stage.init_from`` (or ``training.load``)
-can start from it at this or any other layout.
+source tensors its parameters hold (the links of ``models/weight_maps``) and the checkpoint is
+written with megatron-omni's ``save_checkpoint`` (step 0), so ``stage.init_from`` (or
+``training.load``) can start from it at this or any other layout.
 """
 
 from __future__ import annotations
@@ -37,18 +37,19 @@ import torch
 from ..config import ConfigError, OmniConfig, from_dict, parse_overrides, validate
 from ..config.loader import _merge, _read_yaml
 from ..data.special_tokens import NUM_SPECIAL
-from .checkpoint_io import TensorSource, check_output, read_json
-from .param_map import (
+from ..models.weight_maps import audio as audio_map
+from ..models.weight_maps import llm as llm_map
+from ..models.weight_maps import omni as omni_map
+from ..models.weight_maps import vision as vision_map
+from ..models.weight_maps.core import (
     ConversionError,
     Link,
-    canonical_name,
     check_source_keys,
-    llama_links,
     read_local,
-    sanm_links,
-    sanm_param_names,
-    vision_links,
+    same_shape,
 )
+from ..models.weight_maps.omni import canonical_name, omni_gated
+from .checkpoint_io import TensorSource, check_output, read_json
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +198,7 @@ def _user_dict(req: ImportRequest) -> dict:
 def build_plan(req: ImportRequest) -> ImportPlan:
     """Validate the sources, derive the target config and the links (no process group needed;
     every rank calls it and gets the same answer)."""
-    from .llama import llm_config_from_hf
-    from .qwen2vl import vision_config_from_hf
     from .release import LLM_DERIVED, release_links, release_model_dict, release_token_ids
-    from .sanm import infer_sanm_config
 
     if req.release and (req.llama or req.qwen2vl or req.funasr):
         raise ConversionError("--release is a complete model; it cannot be combined with "
@@ -223,7 +221,7 @@ def build_plan(req: ImportRequest) -> ImportPlan:
         provenance["llama_config"] = release_token_ids(conf)
     if req.llama:
         hf, src = _llama_source(Path(req.llama))
-        llm = llm_config_from_hf(hf)
+        llm = llm_map.llm_config_from_hf(hf)
         d = {f: getattr(llm, f) for f in LLM_DERIVED}
         codebook = _get(user, "model.speech_codebook_size")
         codebook = 4096 if codebook is None else int(codebook)
@@ -239,7 +237,7 @@ def build_plan(req: ImportRequest) -> ImportPlan:
         provenance["base_vocab_size"] = llm.vocab_size
     if req.qwen2vl:
         vconf, src, prefix = _qwen2vl_source(Path(req.qwen2vl))
-        v = dataclasses.asdict(vision_config_from_hf(vconf))
+        v = dataclasses.asdict(vision_map.vision_config_from_hf(vconf))
         v["enabled"] = True
         derived["model"]["vision"] = v
         sources["qwen2vl"] = (src, prefix)
@@ -247,7 +245,7 @@ def build_plan(req: ImportRequest) -> ImportPlan:
     if req.funasr:
         conf, src = _funasr_source(Path(req.funasr))
         heads = conf.get("attention_heads") or _get(user, "model.audio.num_heads") or 4
-        s = infer_sanm_config(src.meta_state("encoder."), prefix="encoder.",
+        s = audio_map.infer_sanm_config(src.meta_state("encoder."), prefix="encoder.",
                               attention_heads=int(heads))
         derived["model"]["audio"] = {
             "enabled": True, "input_size": s.input_size, "hidden_size": s.output_size,
@@ -285,6 +283,7 @@ def build_plan(req: ImportRequest) -> ImportPlan:
     cfg = from_dict(OmniConfig, data)
     validate(cfg)
     from ..models.omni import sanm_config, special_token_ids
+    from ..models.vision import vision_out_hidden
 
     special_token_ids(cfg)  # vocabulary holds the special tokens and speech codes
 
@@ -299,20 +298,22 @@ def build_plan(req: ImportRequest) -> ImportPlan:
     else:
         if "llama" in sources:
             src = sources["llama"][0]
-            links = llama_links(m.llm, "llm.", "")
+            links = llm_map.links(m.llm, "llm.", "")
             check_source_keys(links, src.keys(), "", f"Llama checkpoint {req.llama}",
-                              ignore=("rotary_emb.inv_freq",))
-            _check_llama_shapes(links, src, cfg)
+                              ignore=llm_map.IGNORED_HF)
+            _check_shapes("Llama checkpoint", src, "", llm_map.expected_hf_shapes(m.llm))
             parts.append(("llama", src, links))
         else:
             fresh.append("llm")
         if m.vision.enabled:
             if "qwen2vl" in sources:
                 src, prefix = sources["qwen2vl"]
-                links = vision_links(m.vision, "vision_model.", prefix)
+                links = vision_map.links(m.vision, "vision_model.", prefix)
                 check_source_keys(links, src.keys(), prefix, f"Qwen2-VL vision tower "
                                   f"{req.qwen2vl}", ignore=("rotary_pos_emb.inv_freq",))
-                _check_vision_shapes(src, prefix, cfg)
+                _check_shapes("Qwen2-VL vision tower", src, prefix,
+                              vision_map.expected_hf_vision_shapes(m.vision,
+                                                                   vision_out_hidden(cfg)))
                 parts.append(("qwen2vl", src, links))
             else:
                 fresh.append("vision")
@@ -320,9 +321,10 @@ def build_plan(req: ImportRequest) -> ImportPlan:
         if m.audio.enabled:
             if "funasr" in sources:
                 src = sources["funasr"][0]
-                links = sanm_links(sanm_param_names(sanm_config(cfg)), "audio_model.", "encoder.")
+                links = audio_map.links(sanm_config(cfg), "audio_model.", "encoder.")
                 check_source_keys(links, src.keys(), "encoder.", f"FunASR encoder {req.funasr}")
-                _check_sanm_shapes(src, cfg)
+                _check_shapes("FunASR encoder", src, "encoder.",
+                              audio_map.expected_sanm_shapes(sanm_config(cfg)))
                 parts.append(("funasr", src, links))
             else:
                 fresh.append("audio")
@@ -345,51 +347,22 @@ def build_plan(req: ImportRequest) -> ImportPlan:
 
 
 def _shape_error(what: str, key: str, got, want) -> ConversionError:
+    want = tuple("any" if w is None else w for w in want)
     return ConversionError(f"{what}: {key} has shape {tuple(got)}, the config expects "
-                           f"{tuple(want)}")
+                           f"{want}")
 
 
-def _check_llama_shapes(links: Sequence[Link], src: TensorSource, cfg: OmniConfig) -> None:
-    llm = cfg.model.llm
-    h, d, f = llm.hidden_size, llm.head_dim, llm.ffn_hidden_size
-    want = {"q_proj": (llm.num_attention_heads * d, h), "k_proj": (llm.num_query_groups * d, h),
-            "v_proj": (llm.num_query_groups * d, h), "o_proj": (h, llm.num_attention_heads * d),
-            "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f),
-            "input_layernorm": (h,), "post_attention_layernorm": (h,), "norm": (h,)}
-    for link in links:
-        for key in link.hf:
-            kind = key.rsplit(".", 2)[-2]
-            shape = tuple(src.shape(key))
-            if link.kind == "vocab":
-                if len(shape) != 2 or shape[1] != h:
-                    raise _shape_error("Llama checkpoint", key, shape, ("vocab", h))
-            elif kind in want and shape != want[kind]:
-                raise _shape_error("Llama checkpoint", key, shape, want[kind])
-
-
-def _check_vision_shapes(src: TensorSource, prefix: str, cfg: OmniConfig) -> None:
-    from ..models.vision import vision_out_hidden
-    from .qwen2vl import _shape_ok, expected_hf_vision_shapes
-
-    for key, want in expected_hf_vision_shapes(cfg.model.vision, vision_out_hidden(cfg)).items():
+def _check_shapes(what: str, src: TensorSource, prefix: str, expected: dict) -> None:
+    """Every tensor a map expects has its shape (``None``: any size) before anything is read."""
+    for key, want in expected.items():
         got = tuple(src.shape(prefix + key))
-        if not _shape_ok(got, want):
-            raise _shape_error("Qwen2-VL vision tower", prefix + key, got, want)
-
-
-def _check_sanm_shapes(src: TensorSource, cfg: OmniConfig) -> None:
-    from ..models.omni import sanm_config
-    from .sanm import expected_sanm_shapes
-
-    for key, want in expected_sanm_shapes(sanm_config(cfg)).items():
-        got = tuple(src.shape("encoder." + key))
-        if got != tuple(want):
-            raise _shape_error("FunASR encoder", "encoder." + key, got, want)
+        if not same_shape(got, tuple(want)):
+            raise _shape_error(what, prefix + key, got, want)
 
 
 # --- per-rank work -------------------------------------------------------------------------------
 
-PROJECTORS = ("linear_proj", "linear_proj_audio")
+PROJECTORS = tuple(p.rstrip(".") for p in omni_map.PROJECTORS)
 
 
 def init_projector(name: str, module: torch.nn.Module, seed: int) -> None:
@@ -419,7 +392,6 @@ def load_chunks(plan: ImportPlan, chunks: Sequence[torch.nn.Module], seed: int,
     from tqdm import tqdm
 
     from ..models.llm import chunk_layer_range
-    from ..models.omni import omni_gated
 
     tp_rank = ps.get_tensor_model_parallel_rank()
     tp = ps.get_tensor_model_parallel_world_size()

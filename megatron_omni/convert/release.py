@@ -42,11 +42,11 @@ exactly :mod:`megatron_omni.data.special_tokens` for that base. For another base
 tiny demo) the ids written here are ours, but the release code would use its fixed table instead:
 :func:`release_config` warns.
 
-Two implementations of the state-dict mapping live side by side on purpose:
-:func:`release_links` (per tensor, used by the streaming conversion tool) and
-:func:`release_to_omni_state` / :func:`omni_to_release_state` (whole state dicts through the
-adapters of :mod:`.llama`, :mod:`.qwen2vl` and :mod:`.sanm`), which the tests use as the
-reference and to load an exported release into a model with strict key matching.
+The tensors: :func:`release_links` puts the weight maps of ``models/weight_maps`` (LLM, ViT,
+SAN-M, projectors) under the release's prefixes; the streaming conversion tool reads and writes
+through those links, and :func:`release_to_omni_state` / :func:`omni_to_release_state` apply the
+same maps to whole state dicts (tests, and loading an exported release into a model with strict
+key matching).
 """
 
 from __future__ import annotations
@@ -62,15 +62,8 @@ import torch
 from ..config import OmniConfig, from_dict, parse_overrides, validate
 from ..config.validate import padded_vocab_size
 from ..data.special_tokens import NUM_SPECIAL, SPECIAL_TOKENS
-from .param_map import (
-    ConversionError,
-    Link,
-    llama_links,
-    projector_links,
-    sanm_links,
-    sanm_param_names,
-    vision_links,
-)
+from ..models.weight_maps import omni as omni_map
+from ..models.weight_maps.core import ConversionError, Link
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +265,8 @@ def release_model_dict(config: Mapping, keys: Optional[Iterable[str]] = None,
     ``config.json``. ``keys`` (the checkpoint's tensor names) give the projector depth when the
     config lacks ``mlp_depths``; ``codebook`` is the speech codebook size to assume when the
     config gives neither it nor the special-token ids."""
-    from .llama import llm_config_from_hf
-    from .qwen2vl import vision_config_from_hf
+    from ..models.weight_maps.llm import llm_config_from_hf
+    from ..models.weight_maps.vision import vision_config_from_hf
 
     if config.get("model_type") != MODEL_TYPE:
         raise ConversionError(f"not an M2-omni release config: model_type is "
@@ -408,30 +401,20 @@ def omni_config_from_release(config: Union[Mapping, str, Path], overrides: Itera
 # --- state dicts ---------------------------------------------------------------------------------
 
 def release_links(cfg: OmniConfig) -> list[Link]:
-    """Per-tensor links between our full omni state and the release keys."""
-    from ..models.omni import sanm_config
-
-    m = cfg.model
-    links = llama_links(m.llm, ours="llm.", hf=LLM_PREFIX)
-    if m.vision.enabled:
-        links += vision_links(m.vision, ours="vision_model.", hf=VISION_PREFIX)
-        links += projector_links("linear_proj.", m.projector.vision_depth)
-    if m.audio.enabled:
-        links += sanm_links(sanm_param_names(sanm_config(cfg)), ours="audio_model.",
-                            hf=AUDIO_PREFIX)
-        links += projector_links("linear_proj_audio.", m.projector.audio_depth)
-    return links
+    """Per-tensor links between our full omni state and the release keys (the omni weight map
+    under the release's prefixes)."""
+    return omni_map.links(cfg, llm_hf=LLM_PREFIX, vision_hf=VISION_PREFIX, audio_hf=AUDIO_PREFIX)
 
 
 def release_to_omni_state(state: Mapping[str, torch.Tensor], cfg: OmniConfig,
                           tp: int = 1) -> dict[str, torch.Tensor]:
-    """A release state dict -> our full omni state dict, through the adapters (strict: a key no
-    part of ``cfg`` claims is an error)."""
+    """A release state dict -> our full omni state dict, through each part's weight map (strict:
+    a key no part of ``cfg`` claims is an error, and each part checks its own keys)."""
     from ..models.omni import sanm_config
     from ..models.vision import vision_out_hidden
-    from .llama import hf_to_megatron
-    from .qwen2vl import hf_to_vision
-    from .sanm import sanm_from_release
+    from ..models.weight_maps.audio import sanm_from_release
+    from ..models.weight_maps.llm import hf_to_megatron
+    from ..models.weight_maps.vision import hf_to_vision
 
     m = cfg.model
     llm = {k[len(LLM_PREFIX):]: v for k, v in state.items() if k.startswith(LLM_PREFIX)}
@@ -457,12 +440,12 @@ def release_to_omni_state(state: Mapping[str, torch.Tensor], cfg: OmniConfig,
 
 def omni_to_release_state(full: Mapping[str, torch.Tensor], cfg: OmniConfig
                           ) -> dict[str, torch.Tensor]:
-    """Our full omni state dict (TP=1 names) -> release keys, through the adapters."""
+    """Our full omni state dict (TP=1 names) -> release keys, through each part's weight map."""
     from ..models.omni import sanm_config
     from ..models.vision import vision_out_hidden
-    from .llama import megatron_to_hf
-    from .qwen2vl import vision_to_hf
-    from .sanm import sanm_to_release
+    from ..models.weight_maps.audio import sanm_to_release
+    from ..models.weight_maps.llm import megatron_to_hf
+    from ..models.weight_maps.vision import vision_to_hf
 
     m = cfg.model
     full = {k: v for k, v in full.items() if not k.endswith("_extra_state")}
@@ -481,7 +464,7 @@ def omni_to_release_state(full: Mapping[str, torch.Tensor], cfg: OmniConfig
 
 def build_model_from_release(config: Union[Mapping, str, Path], overrides: Iterable[str] = ()):
     """``(OmniModel, cfg)`` for a release ``config.json`` in this process (TP=PP=1, local layer
-    names so the adapters' output loads with strict key matching). Creates a one-rank process
+    names so the weight maps' output loads with strict key matching). Creates a one-rank process
     group and megatron-core parallel state when none exists."""
     from ..models.omni import OmniModel
     from .checkpoint_io import ensure_single_rank_megatron

@@ -95,6 +95,13 @@ from megatron.energon import (
 )
 
 from megatron_omni.config.schema import DataConfig
+from megatron_omni.data.format import (
+    image_settings_from,
+    load_omni_meta,
+    template_config_from,
+    tokenizer_fingerprint,
+    video_settings_from,
+)
 from megatron_omni.data.media import MediaError, MediaProcessor, select_backend
 from megatron_omni.data.media.deferred import (
     DeferredMediaProcessor,
@@ -108,14 +115,7 @@ from megatron_omni.data.packing import (
     SampleInfo,
     select_samples_to_pack,
 )
-from megatron_omni.data.preprocess import (
-    image_settings_from,
-    load_omni_meta,
-    template_config_from,
-    tokenizer_fingerprint,
-    video_settings_from,
-    wav_truncation,
-)
+from megatron_omni.data.preprocess import wav_truncation
 from megatron_omni.data.templates import (
     IGNORE_INDEX,
     SampleError,

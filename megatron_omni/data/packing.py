@@ -2,7 +2,7 @@
 
 Packing works on *descriptors* (:class:`SampleInfo`: id, LLM token count, images, pre-merge
 vision patches, modality) that preprocessing stored next to every sample, so rows are decided
-before any media is decoded (DESIGN.md principle 4).
+before any media is decoded (docs/architecture.md principle 4).
 
 Algorithm. The core, :func:`pack_samples`, takes one buffer of descriptors and returns rows:
 

@@ -3,30 +3,8 @@
 The data path starts here (DESIGN.md, "the data path"): every line of ``<modality>.jsonl``
 (training) and ``<modality>_val.jsonl`` (held-out validation) is validated, its exact LLM token
 count is computed *without decoding any media*, and it is written, with the raw media bytes, into
-tar shards that Energon loads. The result, under ``out_dir``::
-
-    out_dir/
-      preprocess_report.json        written / skipped per modality, split and reason
-      skipped.jsonl                 one line per skipped input line (file, line, reason, message)
-      <modality>/                   one Energon dataset per modality (DataConfig.path/<modality>)
-        train-000000.tar ...        training shards
-        val-000000.tar ...          validation shards (the ``val`` split; never trained on)
-        .nv-meta/dataset.yaml       CrudeWebdataset, subflavors {modality: <modality>}
-        .nv-meta/split.yaml         train: train-*.tar, val: val-*.tar
-        .nv-meta/omni.json          the settings the token counts depend on (checked by loaders)
-        .nv-meta/.info.json, index.sqlite, ...   Energon's own prepare output
-
-One sample in a shard (key ``<file stem>-<line index>``, e.g. ``image-000000012``):
-
-* ``<key>.json``: ``{"key", "modality", "split", "source", "form", "sample": <the JSONL object>,
-  "num_tokens", "sequence_lengths", "num_images", "num_patches", "image_tokens",
-  "image_grid_thw", "video_tokens", "video_grid_thw", "audio_num_samples", "media": {"images":
-  [part, ...], "videos": [...], "audios": [...]}}``. ``num_tokens`` is the exact templated length
-  (``templates.count_tokens``), ``num_images`` the vision items (images + videos) and
-  ``num_patches`` the pre-merge ViT patches, i.e. everything the packer budgets with
-  (:class:`~megatron_omni.data.packing.SampleInfo`).
-* ``<key>.img0.png``, ``<key>.vid0.webm``, ``<key>.aud0.wav``, ...: the media files, byte for byte,
-  in placeholder order.
+tar shards that Energon loads. The layout of the result (the on-disk format: folders, the
+sample record, ``omni.json``) and its readers live in :mod:`megatron_omni.data.format`.
 
 Validation, per line, cheapest first; the first failure skips the line with a reason
 (:data:`PREPROCESS_REASONS`) and never stops the job (DESIGN.md principle 6):
@@ -57,8 +35,6 @@ input order, so the shards are identical for any worker count.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -71,6 +47,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+from megatron_omni.data.format import (
+    MODALITIES,
+    REPORT_NAME,
+    SKIPPED_NAME,
+    SPLITS,
+    omni_meta_path,
+    prepare_energon,
+    settings_dict,
+    settings_fingerprint,
+)
 from megatron_omni.data.media import (
     CPUBackend,
     ImageSettings,
@@ -79,7 +65,7 @@ from megatron_omni.data.media import (
     VideoSettings,
 )
 from megatron_omni.data.media.audio import TARGET_SAMPLE_RATE, resampled_length
-from megatron_omni.data.media.backends import DEFAULT_MAX_IMAGE_PIXELS
+from megatron_omni.data.media.probe import DEFAULT_MAX_IMAGE_PIXELS
 from megatron_omni.data.media.vision import tokens_for_grid
 from megatron_omni.data.special_tokens import DEFAULT_SPEECH_CODEBOOK_SIZE
 from megatron_omni.data.templates import (
@@ -95,27 +81,14 @@ from megatron_omni.data.tokenizer import OmniTokenizer, load_tokenizer
 log = logging.getLogger("megatron_omni.data.preprocess")
 
 __all__ = [
-    "MODALITIES",
     "PREPROCESS_REASONS",
-    "SPLITS",
     "PreprocessConfig",
     "PreprocessReport",
     "SkipLine",
     "discover_inputs",
-    "load_omni_meta",
     "preprocess",
     "process_line",
-    "settings_fingerprint",
-    "tokenizer_fingerprint",
 ]
-
-MODALITIES = ("text", "image", "video", "audio", "interleaved", "preference")
-"""Modality datasets :func:`discover_inputs` looks for (``<name>.jsonl``, ``<name>_val.jsonl``)."""
-SPLITS = ("train", "val")
-OMNI_META = "omni.json"
-REPORT_NAME = "preprocess_report.json"
-SKIPPED_NAME = "skipped.jsonl"
-FORMAT_VERSION = 1
 
 PREPROCESS_REASONS = frozenset(SKIP_REASONS) | {
     "blank_line",       # an empty / whitespace-only line
@@ -126,16 +99,13 @@ PREPROCESS_REASONS = frozenset(SKIP_REASONS) | {
     "audio_too_short",  # shorter than PreprocessConfig.min_audio_seconds
     "audio_size_mismatch",  # a WAV header promises more sample bytes than the file holds
     "internal_error",   # an unexpected exception (a bug); logged with its traceback
-    # media reasons (megatron_omni.data.media.backends.REASONS)
+    # media reasons (megatron_omni.data.media.common.REASONS)
     "missing_file", "corrupt_image", "image_too_large", "unreadable_video", "bad_frame_index",
     "unreadable_audio", "bad_aspect_ratio",
 }
 """Every reason a line can be skipped for."""
 
 _MEDIA_PART_PREFIX = {"image": "img", "video": "vid", "audio": "aud"}
-# A probe text for the tokenizer fingerprint: plain words, digits, whitespace, special strings.
-_FINGERPRINT_TEXT = ("The quick brown fox, 12 + 7 = 19.\n\n  naïve café <image> <|eot_id|> "
-                     "<speech_3> reverse: cat dog -> dog cat")
 
 
 @dataclass(frozen=True)
@@ -183,70 +153,6 @@ class SkipLine(Exception):
         assert reason in PREPROCESS_REASONS, reason
         super().__init__(f"[{reason}] {message}")
         self.reason, self.message = reason, message
-
-
-# ------------------------------------------------------------------------------------ settings
-
-
-def tokenizer_fingerprint(tok: OmniTokenizer) -> str:
-    """Short hash of what templating depends on: vocabulary sizes, chat ids, and the ids of a
-    probe text. Two tokenizers with the same fingerprint count tokens the same way."""
-    probe = {
-        "base": tok.base_vocab_size,
-        "vocab": tok.vocab_size,
-        "chat": [tok.bos_id, tok.eos_id, tok.start_header_id, tok.end_header_id, tok.eot_id,
-                 tok.pad_id],
-        "ids": tok.encode(_FINGERPRINT_TEXT),
-    }
-    return hashlib.sha256(json.dumps(probe, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(x) for x in obj]
-    return obj
-
-
-def settings_dict(cfg: PreprocessConfig, tok: OmniTokenizer) -> dict[str, Any]:
-    """The settings stored in ``omni.json``: a loader must template with the same ones."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "image": _jsonable(cfg.image),
-        "video": _jsonable(cfg.video),
-        "template": _jsonable(cfg.template),
-        "tokenizer": tokenizer_fingerprint(tok),
-    }
-
-
-def settings_fingerprint(settings: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def load_omni_meta(dataset_dir: str | Path) -> dict[str, Any]:
-    """``.nv-meta/omni.json`` of one prepared modality dataset."""
-    p = Path(dataset_dir) / ".nv-meta" / OMNI_META
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} is missing: {dataset_dir} was not written by "
-                                "tools/preprocess_data.py (or by an older version); rerun it")
-    return json.loads(p.read_text(encoding="utf-8"))
-
-
-def image_settings_from(d: Mapping[str, Any]) -> ImageSettings:
-    d = dict(d)
-    for k in ("mean", "std"):
-        if k in d:
-            d[k] = tuple(d[k])
-    return ImageSettings(**d)
-
-
-def video_settings_from(d: Mapping[str, Any]) -> VideoSettings:
-    return VideoSettings(**d)
-
-
-def template_config_from(d: Mapping[str, Any]) -> TemplateConfig:
-    return TemplateConfig(**d)
 
 
 # ------------------------------------------------------------------------------- one line
@@ -627,27 +533,6 @@ class PreprocessReport:
 # ------------------------------------------------------------------------------- driver
 
 
-def _prepare_energon(ds_dir: Path, shards: list[str], modality: str, workers: int) -> None:
-    """Energon's ``energon prepare``, non-interactive: index the shards, write the split and the
-    dataset.yaml (CrudeWebdataset: samples stay raw dicts; the loader's cooker types them)."""
-    import yaml
-    from megatron.energon.flavors.webdataset.prepare import WebdatasetPreparator
-
-    meta = ds_dir / ".nv-meta"
-    meta.mkdir(parents=True, exist_ok=True)
-    for stale in ("index.sqlite", "index.uuid", ".info.json", ".info.yaml", "split.yaml"):
-        (meta / stale).unlink(missing_ok=True)
-    WebdatasetPreparator.prepare_dataset(
-        ds_dir, shards,
-        # (no backslashes: Energon brace-expands the patterns, which eats them)
-        split_parts_patterns=[("train", "^train-[0-9]+[.]tar$"), ("val", "^val-[0-9]+[.]tar$")],
-        workers=max(1, min(workers, len(shards))),
-    )
-    dataset_yaml = {"__module__": "megatron.energon", "__class__": "CrudeWebdataset",
-                    "subflavors": {"modality": modality}}
-    (meta / "dataset.yaml").write_text(yaml.safe_dump(dataset_yaml, sort_keys=False))
-
-
 def preprocess(
     inputs: Mapping[str, Mapping[str, str | Path]] | str | Path,
     out_dir: str | Path,
@@ -777,7 +662,7 @@ def preprocess(
 
                 shutil.rmtree(out / m / ".nv-meta")
             continue
-        _prepare_energon(out / m, shards, m, workers)
+        prepare_energon(out / m, shards, m, workers)
         meta = dict(settings, modality=m, fingerprint=settings_fingerprint(settings),
                     splits={sp: stats[m][sp].written for sp in stats[m]},
                     # {split: {num_tokens: samples}}: lets training check data.seq_length
@@ -785,7 +670,7 @@ def preprocess(
                     token_counts={sp: {str(k): v for k, v in sorted(stats[m][sp].token_hist
                                                                     .items())}
                                   for sp in stats[m]})
-        (out / m / ".nv-meta" / OMNI_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        omni_meta_path(out / m).write_text(json.dumps(meta, indent=2, sort_keys=True))
         datasets[m] = str(out / m)
 
     report = PreprocessReport(str(out), settings, stats, datasets)

@@ -23,6 +23,12 @@ Three sample forms (``docs/data_format.md`` has the full JSONL description):
 * preference, ``{"prompt": str | messages, "chosen": str, "rejected": str}``: two chat sequences
   that share the prompt (and the assistant header); loss on the answer (+ ``<|eot_id|>``) only.
 
+A generation prompt (:func:`template_generation_prompt`, for inference) is a chat sample whose
+messages end with a user turn: it renders exactly what training renders before the answer -
+system turn, every turn with its media blocks, then the assistant header
+``<|start_header_id|>assistant<|end_header_id|>\\n\\n`` - and stops there (no answer, no
+``<|eot_id|>``), so the model continues where training taught it to answer.
+
 ``labels`` are aligned with ``input_ids`` (not shifted): ``labels[i]`` is ``input_ids[i]`` where
 the loss applies and ``IGNORE_INDEX`` elsewhere; the loss shifts by one inside each sample.
 
@@ -428,6 +434,27 @@ def _preference_plans(sample, tok, image_tokens, video_tokens, cfg):
     return plans, _plan_len(shared)
 
 
+def _generation_prompt_plan(sample, tok, image_tokens, video_tokens, cfg) -> list[_Piece]:
+    """Everything before the answer: the conversation (no loss) + the assistant header."""
+    if not isinstance(sample, Mapping) or "messages" not in sample:
+        raise SampleError("unknown_format", "a generation prompt needs 'messages'")
+    turns = _check_messages(sample["messages"], need_assistant=False)
+    if turns[-1][0] != "user":
+        raise SampleError("no_user_turn", "a generation prompt must end with a user turn (the "
+                          "turn the assistant answers)")
+    if sample.get("speech_tokens") is not None:
+        raise SampleError("bad_speech_tokens", "a generation prompt has no answer to carry "
+                          "speech_tokens; put them on an earlier assistant message")
+    speech: dict[int, list[int]] = {}
+    for i, m in enumerate(sample["messages"]):
+        if "speech_tokens" in m:
+            if m["role"] != "assistant":
+                raise SampleError("bad_speech_tokens", f"speech_tokens on a {m['role']} message")
+            speech[i] = _check_speech(m["speech_tokens"], tok)
+    plan = _conversation_plan(tok, sample, turns, speech, image_tokens, video_tokens, cfg, False)
+    return plan + [(_header(tok, "assistant"), False)]
+
+
 def _plans(sample, tok, image_tokens, video_tokens, config) -> tuple[list[list[_Piece]], int]:
     cfg = config or TemplateConfig()
     form = sample_form(sample)
@@ -530,6 +557,25 @@ def template_preference(
         sample, tok, image_tokens, video_tokens, config or TemplateConfig()
     )
     return PreferencePair(_build(tok, plans[0]), _build(tok, plans[1]), prompt_len)
+
+
+def template_generation_prompt(
+    sample: Mapping,
+    tok: OmniTokenizer,
+    *,
+    image_tokens: Sequence[int] = (),
+    video_tokens: Sequence[int] = (),
+    config: TemplateConfig | None = None,
+) -> TemplatedSample:
+    """Template the prompt of a generation: ``{"messages": [... ending with a user turn],
+    "images": [...], "videos": [...], "audios": [...]}`` up to and including the assistant
+    header, with no answer and no ``<|eot_id|>`` after it; no label carries a loss.
+
+    The ids are exactly those training gives the same conversation before its answer's first
+    token (earlier assistant turns, with their ``speech_tokens``, render as in training).
+    """
+    return _build(tok, _generation_prompt_plan(sample, tok, image_tokens, video_tokens,
+                                               config or TemplateConfig()))
 
 
 def sequence_lengths(

@@ -215,9 +215,10 @@ def prompt_inputs(tokens: Union[torch.Tensor, Sequence[int]], special, images: S
 def media_settings_from_prepared(path: Union[str, Path]):
     """(ImageSettings, VideoSettings, TemplateConfig) a prepared dataset was made with: ``path``
     is the dataset root (``data.path``) or one modality folder of it."""
-    from ..data.preprocess import (
+    from ..data.format import (
         image_settings_from,
         load_omni_meta,
+        omni_meta_path,
         template_config_from,
         video_settings_from,
     )
@@ -225,7 +226,7 @@ def media_settings_from_prepared(path: Union[str, Path]):
     path = Path(path)
     candidates = [path] + sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
     for c in candidates:
-        if (c / ".nv-meta" / "omni.json").is_file():
+        if omni_meta_path(c).is_file():
             meta = load_omni_meta(c)
             return (image_settings_from(meta["image"]), video_settings_from(meta["video"]),
                     template_config_from(meta["template"]))
@@ -253,7 +254,7 @@ def build_chat_prompt(tokenizer, text: str = "", *, images: Sequence[Media] = ()
             tokens per clip).
     """
     from ..data.media import MediaProcessor
-    from ..data.templates import template_preference
+    from ..data.templates import template_generation_prompt
 
     if processor is None:
         processor = MediaProcessor("cpu")
@@ -262,14 +263,14 @@ def build_chat_prompt(tokenizer, text: str = "", *, images: Sequence[Media] = ()
     vis_images = [processor.image(src) for src in images]
     vis_videos = [processor.video(src) for src in videos]
     waves = [processor.audio(src) for src in audios]
-    sample = {"prompt": [dict(m) for m in messages], "chosen": "-", "rejected": "-",
+    sample = {"messages": [dict(m) for m in messages],
               "images": [f"image{i}" for i in range(len(images))],
               "videos": [f"video{i}" for i in range(len(videos))],
               "audios": [f"audio{i}" for i in range(len(audios))]}
-    pair = template_preference(sample, tokenizer,
-                               image_tokens=[v.num_tokens for v in vis_images],
-                               video_tokens=[v.num_tokens for v in vis_videos], config=template)
-    ids = pair.chosen.input_ids[:pair.prompt_len]
+    ids = template_generation_prompt(sample, tokenizer,
+                                     image_tokens=[v.num_tokens for v in vis_images],
+                                     video_tokens=[v.num_tokens for v in vis_videos],
+                                     config=template).input_ids
     return prompt_inputs(ids, tokenizer.special, vis_images, vis_videos, waves,
                          spatial_merge_size=spatial_merge_size)
 
@@ -524,48 +525,27 @@ class OmniGenerator:
 # ------------------------------------------------------------------------------ loading
 
 
-def _merge(base: dict, over: Mapping) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) \
-            else v
-    return out
-
-
-def _saved_config_yaml(ckpt: Path) -> Optional[str]:
-    f = ckpt / "config.yaml"
-    if f.is_file():
-        return f.read_text()
-    from megatron.core import dist_checkpointing
-
-    from ..training.checkpoint import META_KEY
-
-    meta = dist_checkpointing.load_common_state_dict(str(ckpt)).get(META_KEY) or {}
-    return meta.get("config")
-
-
 def generation_config(checkpoint: Union[str, Path], tensor_parallel_size: int = 1,
                       overrides: Sequence[str] = (), config: Union[str, Path, None] = None):
-    """The run config saved with ``checkpoint`` (or ``config``), set to the generation layout
-    (TP = ``tensor_parallel_size``, PP = 1, no VPP/CP/SP, no recompute) and the saved layout's
-    padded vocabulary; ``overrides`` (``key=value``) last."""
-    import yaml
+    """The run config saved with ``checkpoint`` (or the config file ``config``), set to the
+    generation layout (TP = ``tensor_parallel_size``, PP = 1, no VPP/CP/SP, no recompute) and the
+    saved layout's padded vocabulary; ``overrides`` (``key=value``) last.
 
-    from ..config.loader import from_dict, parse_overrides
+    The saved config is read by ``training.checkpoint.read_saved_config`` (its rule for keys this
+    version does not know: an error under ``model``, a warning elsewhere); a ``config`` file is
+    read like a training config (``base:`` files, duplicate keys refused, unknown keys errors).
+    """
+    from ..config.loader import from_dict, merge, parse_overrides, read_config_file
     from ..config.schema import ConfigError, OmniConfig
     from ..config.validate import padded_vocab_size, validate
-    from ..training.checkpoint import resolve_checkpoint
+    from ..training.checkpoint import read_saved_config
 
     if config is not None:
-        text = Path(config).read_text()
+        data = read_config_file(config)
     else:
-        ckpt = resolve_checkpoint(checkpoint)
-        text = _saved_config_yaml(ckpt)
-        if not text:
-            raise ConfigError(f"{ckpt} holds no run config; pass the training config YAML")
-    data = yaml.safe_load(text) or {}
-    data.pop("base", None)
-    saved = from_dict(OmniConfig, _merge(data, parse_overrides(overrides)))
+        data = read_saved_config(checkpoint).data()
+    over = parse_overrides(overrides)
+    saved = from_dict(OmniConfig, merge(data, over))
     llm = saved.model.llm
     padded = padded_vocab_size(llm.vocab_size, llm.make_vocab_size_divisible_by,
                                saved.parallel.tensor_model_parallel_size)
@@ -580,7 +560,7 @@ def generation_config(checkpoint: Union[str, Path], tensor_parallel_size: int = 
         "model": {"llm": {"make_vocab_size_divisible_by": padded // tp}},
         "training": {"recompute_granularity": None},
     }
-    cfg = from_dict(OmniConfig, _merge(_merge(data, layout), parse_overrides(overrides)))
+    cfg = from_dict(OmniConfig, merge(merge(data, layout), over))
     if padded_vocab_size(cfg.model.llm.vocab_size, cfg.model.llm.make_vocab_size_divisible_by,
                          tp) != padded:
         raise ConfigError("model.llm.make_vocab_size_divisible_by was overridden to a value "
@@ -726,8 +706,8 @@ def evaluate(model, tokenizer, data_cfg, *, modalities: Optional[Sequence[str]] 
         max_new_tokens: cap of a greedy answer; each answer may run to the reference length +
             ``answer_slack`` tokens (+ the stop token).
     """
+    from ..data.format import DATASET_YAML, META_DIR, MODALITIES
     from ..data.loaders import OmniLoaders
-    from ..data.preprocess import MODALITIES
     from ..models.attention import packed_seq_params
     from ..training.trainer import to_model_batch
 
@@ -735,7 +715,7 @@ def evaluate(model, tokenizer, data_cfg, *, modalities: Optional[Sequence[str]] 
     root = Path(data_cfg.path)
     if modalities is None:
         modalities = [m for m in MODALITIES if m != "preference"  # pairs: not an answer task
-                      and (root / m / ".nv-meta" / "dataset.yaml").is_file()]
+                      and (root / m / META_DIR / DATASET_YAML).is_file()]
     dcfg = dataclasses.replace(data_cfg, micro_batch_size=1, pure_text_ratio=0.0, num_workers=0,
                                modalities=list(modalities))
     loaders = OmniLoaders(dcfg, tokenizer, dp_rank=0, dp_size=1, modalities=[])

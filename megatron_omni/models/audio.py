@@ -13,7 +13,8 @@ training of the LLM does not change the audio features.
 
 Parameter names reproduce FunASR's ``SANMEncoder`` (``encoders0.0.self_attn.linear_q_k_v``,
 ``encoders.N.self_attn.fsmn_block``, ``encoders.N.feed_forward.w_1``, ``norm1``, ``after_norm``,
-...), so ``megatron_omni/convert/sanm.py`` only has to add or strip a prefix.
+...), so its weight map (``megatron_omni/models/weight_maps/audio.py``) only adds or strips a
+prefix.
 
 Equations of one block (x: [T, d_in], pre-norm, h = heads, d_k = d / h)::
 

@@ -204,18 +204,18 @@ def chunk_layer_range(chunk: OmniLLM) -> tuple[int, int]:
 
 
 def load_full_llm_state(chunk: OmniLLM, full: dict, strict: bool = True) -> None:
-    """Load this chunk's TP/PP part of a full (TP=1, PP=1) megatron state dict."""
+    """Load this chunk's TP/PP part of a full (TP=1, PP=1) megatron state dict (the split rule of
+    the LLM's weight map, :mod:`.weight_maps.llm`)."""
     from megatron.core import parallel_state as ps
 
-    from ..convert.sharding import stage_state_dict
+    from .weight_maps import llm as llm_map
+    from .weight_maps.sharding import stage_state_dict, to_te_layout
 
     offset, n = chunk_layer_range(chunk)
     local = stage_state_dict(full, ps.get_tensor_model_parallel_rank(),
                              ps.get_tensor_model_parallel_world_size(), offset, n,
-                             chunk.pre_process, chunk.post_process)
+                             chunk.pre_process, chunk.post_process, gated_mlp=llm_map.gated)
     if getattr(chunk, "transformer_impl", "local") == "transformer_engine":
-        from ..convert.qwen2vl import to_te_layout
-
         # TE layers fuse the pre-attention/pre-MLP norms into linear_qkv/linear_fc1.
         local = to_te_layout(local)
     load_local_state(chunk, local, strict)

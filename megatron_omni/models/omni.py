@@ -35,6 +35,14 @@ from .audio_features import CMVN, batch_waveforms_to_features
 from .llm import build_llm, llm_transformer_config
 from .projector import build_projector
 
+# The omni model's weight map (TP split rule, pipeline placement): weight_maps/omni.py.
+from .weight_maps.omni import (  # noqa: F401 - re-exported for callers of this module
+    OMNI_FIRST_STAGE,
+    OMNI_LAST_STAGE,
+    omni_gated,
+    omni_stage_state_dict,
+)
+
 AUDIO_SAMPLE_RATE = 16000
 
 
@@ -305,27 +313,6 @@ def build_omni_chunks(cfg: OmniConfig, cmvn: Optional[CMVN] = None) -> list[Omni
     if vpp is None:
         return [OmniModel(cfg, cmvn=cmvn)]
     return [OmniModel(cfg, vp_stage=i, cmvn=cmvn) for i in range(vpp)]
-
-
-OMNI_FIRST_STAGE = ("llm.embedding.", "vision_model.", "audio_model.", "linear_proj.",
-                    "linear_proj_audio.")
-OMNI_LAST_STAGE = ("llm.output_layer.", "llm.decoder.final_layernorm.")
-
-
-def omni_gated(name: str) -> bool:
-    """Only the LLM's MLPs are gated (SwiGLU [gate; up]); the ViT and merger MLPs are plain."""
-    return name.startswith("llm.")
-
-
-def omni_stage_state_dict(full: dict, tp_rank: int, tp_size: int, layer_offset: int,
-                          num_layers: int, pre_process: bool, post_process: bool) -> dict:
-    """This (TP rank, pipeline stage)'s part of a full omni state dict (or of its gradients)."""
-    from ..convert.sharding import stage_state_dict
-
-    return stage_state_dict(full, tp_rank, tp_size, layer_offset, num_layers, pre_process,
-                            post_process, gated_mlp=omni_gated,
-                            first_stage_only=OMNI_FIRST_STAGE, last_stage_only=OMNI_LAST_STAGE,
-                            layer_prefix="llm.decoder.")
 
 
 def load_full_omni_state(chunk: OmniModel, full: dict, strict: bool = True) -> None:

@@ -2,7 +2,7 @@
 
 ``Linear(in -> hidden)`` and, per extra depth, ``GELU, Linear(hidden -> hidden)`` (the release's
 ``mlp_depths``; module indices 0, 2, 4, ... as in its ``linear_proj.N`` keys). The omni model
-L2-normalises the outputs before splicing (M2OMNI.md section 1). Plain torch modules: they are
+L2-normalises the outputs before splicing (docs/recipe.md section 1). Plain torch modules: they are
 small and their inputs/outputs are identical on every tensor-parallel rank, so replicated weights
 receive identical gradients there.
 """

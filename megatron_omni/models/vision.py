@@ -272,8 +272,9 @@ class VisionEncoder(MegatronModule):
 
     State-dict names: ``patch_embed.weight`` ``[width, C, T, p, p]``,
     ``transformer.layers.N.*`` (megatron-core layer names), ``merger.ln_q.*``,
-    ``merger.linear_fc1.*``, ``merger.linear_fc2.*``. :mod:`megatron_omni.convert.qwen2vl` maps
-    them to and from transformers' Qwen2-VL vision tower.
+    ``merger.linear_fc1.*``, ``merger.linear_fc2.*``. Its weight map
+    (:mod:`megatron_omni.models.weight_maps.vision`) maps them to and from transformers' Qwen2-VL
+    vision tower.
     """
 
     def __init__(self, vision: Union[VisionConfig, OmniConfig], out_hidden: Optional[int] = None,
@@ -349,10 +350,11 @@ class VisionEncoder(MegatronModule):
         return self.merger(x.squeeze(1))
 
     def load_full_state_dict(self, full: dict, strict: bool = True) -> None:
-        """Load this TP rank's part of a full (TP=1) state dict in local-spec names."""
+        """Load this TP rank's part of a full (TP=1) state dict in local-spec names (the split
+        rule of the ViT's weight map, :mod:`.weight_maps.vision`)."""
         from megatron.core import parallel_state as ps
 
-        from ..convert.qwen2vl import shard_vision_state_dict, to_te_layout
+        from .weight_maps.vision import shard_vision_state_dict, to_te_layout
 
         local = shard_vision_state_dict(full, ps.get_tensor_model_parallel_rank(),
                                         ps.get_tensor_model_parallel_world_size())

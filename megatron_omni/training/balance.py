@@ -1,7 +1,7 @@
 """Loss balance across modality groups: step balance (PT-3) and dynamic adaptive balance (IT-3).
 
 Every optimizer step holds one group of micro-batches per modality and ONE update; the weights
-here multiply each modality group's mean token loss (see docs: M2OMNI.md sections 3 and 4).
+here multiply each modality group's mean token loss (see docs/recipe.md sections 3 and 4).
 
 Step balance (fixed weights, computed once before joint training)::
 
@@ -336,7 +336,7 @@ def adaptive_weights(slopes: Union[Mapping[str, float], Sequence[float]], f: flo
 
 
 class DynamicBalancer:
-    """Dynamic adaptive balance over validation segments (M2OMNI.md section 4).
+    """Dynamic adaptive balance over validation segments (docs/recipe.md section 4).
 
     Call :meth:`update` once per validation segment with that segment's per-modality validation
     losses (already averaged over data-parallel ranks, see :func:`all_reduce_mean_losses`); use

@@ -51,25 +51,28 @@ Publishing is atomic: every rank writes into ``tmp_step_XXXXXXXX``; after a barr
 deletes checkpoints beyond the newest ``keep_last``. A save killed at any point leaves the previous
 checkpoint as :func:`find_latest`'s answer.
 
-Trainer use (every call is collective: all ranks, same order)::
+How ``training/trainer.py`` (``Trainer.setup`` / ``Trainer.train``) uses it; every call is
+collective (all ranks, same order)::
 
-    install_signal_handlers()                          # SIGTERM/SIGUSR1 set a flag
-    chunks = build chunks; freeze; ddp = wrap_ddp(cfg, chunks)
-    resume = cfg.training.load or (cfg.training.save and find_latest(cfg.training.save))
-    if not resume and cfg.stage.init_from:              # new stage: weights only, fresh optimizer
-        load_checkpoint(cfg.stage.init_from, ddp, weights_only=True, allow_missing=[...])
+    signals.install_signal_handlers()          # SIGTERM/SIGUSR1 set a flag (training/signals.py)
+    chunks = build_omni_chunks(cfg)            # models/omni.py; then set_trainable(chunk, ...)
+    ddp = wrap_ddp(cfg, chunks)                # training/optimizer.py
     opt = build_optimizer(cfg, ddp); sched = build_scheduler(cfg, opt)
-    if resume:
-        extra = load_checkpoint(resume, ddp, opt, sched)   # + loader.load_state_dict(
-        start = extra["iteration"]                          #     extra[RANK_LOCAL]) if not None
-    for step in range(start + 1, train_iters + 1):
-        ... one step, then sched.step(1) ...
-        stop = should_save_and_exit()
-        if stop or step % save_interval == 0 or step == train_iters:
+    source = resume.choose_checkpoint(cfg, printer)   # training.load, else find_latest(save),
+    if source is not None:                            # integrity-checked (training/resume.py)
+        extra = load_checkpoint(source, ddp, opt, sched)
+        step = extra["step"]
+        data.restore_state(extra[RANK_LOCAL]["data"])  # when not None and the DP size matches
+    elif cfg.stage.init_from:                  # a new stage: weights only, fresh optimizer
+        load_checkpoint(cfg.stage.init_from, ddp, opt, None, weights_only=True,
+                        allow_missing=cfg.stage.init_allow_missing or False)
+    while step < cfg.training.train_iters:
+        ... one step; sched.step(increment=1); step += 1 ...
+        if step % cfg.training.save_interval == 0 or signals.should_save_and_exit():
             save_checkpoint(cfg.training.save, step, ddp, opt, sched,
-                            {"iteration": step, ..., RANK_LOCAL: loader.state_dict()}, cfg)
-        if stop:
-            sys.exit(REQUEUE_EXIT_CODE)
+                            {"step": step, ..., RANK_LOCAL: {"data": data.save_state()}}, cfg)
+        # signalled: stop here; megatron_omni.train exits with signals.REQUEUE_EXIT_CODE
+    save_checkpoint(...)                       # at the end, unless this step is already saved
 
 megatron-core bugs worked around here (megatron-core 0.16.1):
 
@@ -139,10 +142,6 @@ SHARDED_METADATA = {
     "distrib_optim_sharding_type": "fully_reshardable",
     "chained_optim_avoid_prefix": True,
 }
-REQUEUE_EXIT_CODE = 75
-"""Exit code of a run that saved a checkpoint because it was signalled (Slurm preemption or time
-limit). EX_TEMPFAIL from sysexits.h, "try again later": the sbatch script requeues on it, e.g.
-``srun ...; [ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID``."""
 
 _STEP_RE = re.compile(r"step_(\d{8,})")
 
@@ -231,6 +230,24 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
     if latest is None:
         raise CheckpointError(f"no complete checkpoint under {path}")
     return latest
+
+
+def read_saved_config(path: Union[str, Path], meta: Optional[dict] = None):
+    """The run config checkpoint ``path`` (a step directory, or a root: its newest complete
+    checkpoint) was saved with, as a :class:`~megatron_omni.config.loader.SavedConfig`: read
+    from the common state dict (``checkpoint_meta["config"]``; ``config.yaml`` beside it is a
+    human-readable copy), or from ``meta`` when the caller has loaded it already. Every reader of
+    a checkpoint's config (generation, conversion, the re-seed of a resume) goes through here or
+    :func:`~megatron_omni.config.loader.parse_saved_config`, so keys this version does not know
+    follow one rule (``SavedConfig``: an error under ``model``, a warning elsewhere)."""
+    from ..config.loader import parse_saved_config
+
+    ckpt = resolve_checkpoint(path)
+    if meta is None:
+        from megatron.core import dist_checkpointing
+
+        meta = dist_checkpointing.load_common_state_dict(str(ckpt)).get(META_KEY) or {}
+    return parse_saved_config(meta.get("config"), str(ckpt))
 
 
 def read_latest(root: Union[str, Path]) -> Optional[str]:
@@ -812,11 +829,11 @@ def _seed_from(meta: dict, seed: Optional[int]) -> int:
     if seed is not None:
         return int(seed)
     if meta.get("config"):
-        import yaml
+        from ..config.loader import parse_saved_config
 
-        try:
-            return int(yaml.safe_load(meta["config"])["training"]["seed"])
-        except (KeyError, TypeError, ValueError):
+        try:  # the raw value: a key this version lost elsewhere must not stop a resume
+            return int(parse_saved_config(meta["config"], "checkpoint").raw["training"]["seed"])
+        except (KeyError, TypeError, ValueError):  # (ConfigError is a ValueError)
             pass
     return 1234
 
@@ -1021,48 +1038,3 @@ def load_checkpoint(
             "restored" if info["rng_restored"] else "re-seeded",
         )
     return out
-
-
-# --- signals --------------------------------------------------------------------------------------
-
-_SIGNAL_RECEIVED: Optional[int] = None
-
-
-def _on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
-    global _SIGNAL_RECEIVED
-    _SIGNAL_RECEIVED = signum
-    log.warning(
-        "received signal %d: will save a checkpoint and exit at the next step boundary", signum
-    )
-
-
-def install_signal_handlers(signals: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1)) -> dict:
-    """Make ``signals`` set a flag instead of killing the process (main thread only).
-
-    With Slurm, ask for an early warning with ``#SBATCH --signal=B:USR1@300`` (or
-    ``srun --signal=USR1@300``) so there is time to save before the time limit; preemption sends
-    SIGTERM and then SIGKILL after ``KillWait`` seconds. Returns the previous handlers.
-    """
-    return {s: signal.signal(s, _on_signal) for s in signals}
-
-
-def signal_received() -> Optional[int]:
-    """The signal this process received (None if none); local, no communication."""
-    return _SIGNAL_RECEIVED
-
-
-def reset_signal_flag() -> None:
-    global _SIGNAL_RECEIVED
-    _SIGNAL_RECEIVED = None
-
-
-def should_save_and_exit(group=None) -> bool:
-    """True on EVERY rank if ANY rank was signalled (all-reduce MAX); collective, so call it on
-    all ranks at the same step. The trainer then saves and exits with
-    :data:`REQUEUE_EXIT_CODE`."""
-    flag = 1 if _SIGNAL_RECEIVED is not None else 0
-    if not torch.distributed.is_initialized():
-        return bool(flag)
-    t = torch.tensor([flag], dtype=torch.int32, device=_comm_device(group))
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
-    return bool(t.item())

@@ -46,7 +46,10 @@ Checkpoints. The adapters are children of the base linear, so their names are
 its name: an IT-3 checkpoint loads unchanged). The class's ``sharded_state_dict`` describes them
 with their TP axis (B axis 0 for column bases, A axis 1 for row bases, the rest replicated), so they
 live in the distributed checkpoint in their global layout and reshard on load like every other
-weight; ``tools/convert_checkpoint.py export`` merges ``W + alpha/r * B @ A`` from that layout.
+weight; ``tools/convert_checkpoint.py export`` merges ``W + alpha/r * B @ A`` from that layout
+(:func:`lora_pairs`, :func:`merge_lora` below) before the weight map turns the merged weight into
+the external tensors (``models/weight_maps``: the fused QKV split into q/k/v, ``[gate; up]`` into
+gate and up), so a merged export is laid out exactly like a plain one.
 
 Why our own module, not a library. peft's Megatron support (``LoraParallelLinear``) wraps the
 base as ``base_layer`` (renaming every base weight in the checkpoint), builds A/B from
@@ -66,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import zlib
 from typing import Iterable, Optional, Sequence
 
@@ -339,3 +343,75 @@ def lora_rank_for_share(llm_cfg, share: float, targets: Iterable[str] = DEFAULT_
     per_rank = L * sum(sum(dims[t]) for t in targets)
     base = L * sum(i * o for i, o in dims.values()) + 2 * llm_cfg.vocab_size * h
     return max(1, round(share * base / per_rank))
+
+
+# --- merging for export --------------------------------------------------------------------------
+
+_LORA_NAME = re.compile(r"\.lora_([AB])(\.[^.]+)?\.weight$")
+
+
+def is_lora_name(name: str) -> bool:
+    """``X.lora_A[.adapter].weight`` / ``X.lora_B[.adapter].weight`` (checkpoint names, also
+    PEFT-style ones with an adapter name)."""
+    return _LORA_NAME.search(name) is not None
+
+
+def lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """Find LoRA deltas: ``X.lora_A[.adapter].weight`` + ``X.lora_B[.adapter].weight`` belong
+    to the base weight ``X.weight``. A lone A or B is an error."""
+    from ..models.weight_maps.core import ConversionError
+
+    names = set(names)
+    pairs = {}
+    for n in names:
+        m = _LORA_NAME.search(n)
+        if not m or m.group(1) != "A":
+            continue
+        base = n[:m.start()] + ".weight"
+        b = n[:m.start()] + f".lora_B{m.group(2) or ''}.weight"
+        if b not in names:
+            raise ConversionError(f"LoRA tensor {n} has no matching {b}")
+        if base not in names:
+            raise ConversionError(f"LoRA tensor {n} has no base weight {base}")
+        pairs[base] = (n, b)
+    lone_b = [n for n in names if (m := _LORA_NAME.search(n)) and m.group(1) == "B"
+              and n not in {p[1] for p in pairs.values()}]
+    if lone_b:
+        raise ConversionError(f"LoRA tensor(s) without lora_A: {sorted(lone_b)[:4]}")
+    return pairs
+
+
+def merge_lora(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
+               ) -> torch.Tensor:
+    """``W + scale * B @ A`` (computed in float32, returned in W's dtype).
+
+    Shapes: W ``[out, in]``, A ``[r, in]``, B ``[out, r]``, all in the global (TP=1) layout of
+    the base weight: B's rows follow W's (group-major fused QKV; ``[gate; up]`` for the gated
+    ``linear_fc1``), which is why the merged weight goes through the same weight map as W."""
+    from ..models.weight_maps.core import ConversionError
+
+    if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or \
+            (b.shape[0], a.shape[1]) != tuple(weight.shape):
+        raise ConversionError(f"LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit "
+                              f"W{tuple(weight.shape)}")
+    delta = b.to(torch.float32) @ a.to(torch.float32)
+    return (weight.to(torch.float32) + scale * delta).to(weight.dtype)
+
+
+def lora_scale_from_config(raw) -> Optional[float]:
+    """``alpha / rank`` from a saved run config (nested dict) if it names them: ``lora_alpha``
+    with ``lora_rank`` (or ``lora_r``) in one section, or a ``lora`` section with ``alpha`` and
+    ``rank`` (or ``r``)."""
+    if not isinstance(raw, dict):
+        return None
+    for alpha_key, rank_keys, section in (("lora_alpha", ("lora_rank", "lora_r"), raw),
+                                          ("alpha", ("rank", "r"), raw.get("lora"))):
+        if isinstance(section, dict) and alpha_key in section:
+            rank = next((section[k] for k in rank_keys if section.get(k)), None)
+            if rank:
+                return float(section[alpha_key]) / float(rank)
+    for v in raw.values():
+        found = lora_scale_from_config(v)
+        if found is not None:
+            return found
+    return None

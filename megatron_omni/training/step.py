@@ -1,4 +1,4 @@
-"""One optimizer step with modality groups (M2OMNI.md sections 3-4).
+"""One optimizer step with modality groups (docs/recipe.md sections 3-4).
 
 Every micro-batch holds one modality. A step runs ONE megatron-core schedule call over the
 micro-batches of all modality groups (gradients accumulate), then the caller makes ONE optimizer

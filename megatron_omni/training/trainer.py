@@ -23,9 +23,9 @@ import torch
 from ..config.schema import ConfigError, OmniConfig
 from ..config.validate import validate
 from . import checkpoint as ckpt
-from . import resume
+from . import resume, signals
 from .balance import DynamicBalancer, PlateauDetector, read_step_balance_file
-from .logging import StepStats, TrainLogger
+from .logging import StepStats, TrainLogger, gpu_memory_stats
 from .step import StepResult, run_group_step
 
 log = logging.getLogger(__name__)
@@ -284,6 +284,13 @@ class Trainer:
             raise ConfigError("stage.train_* leave nothing trainable (and alignment.lora_rank "
                               "is 0)")
         self.chunks = chunks
+        if _rank() == 0:
+            from ..models.specs import resolve_transformer_impl
+
+            log.info("model: %s layers (model.transformer_impl=%s), %s, %d chunk(s) per pipeline "
+                     "rank", resolve_transformer_impl(cfg.model.transformer_impl),
+                     cfg.model.transformer_impl, "bf16" if cfg.training.bf16 else "fp32",
+                     len(chunks))
         self.model = wrap_ddp(cfg, chunks)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
@@ -310,9 +317,14 @@ class Trainer:
         if tb is None and cfg.training.save:
             tb = str(Path(cfg.training.save) / "tensorboard")
         self.tensorboard_dir = tb
-        self.logger = TrainLogger(tb, enabled=_is_logging_rank(), printer=self.printer)
+        from ..config.loader import to_dict
+
+        self.logger = TrainLogger(tb, enabled=_is_logging_rank(), printer=self.printer,
+                                  wandb_project=cfg.training.wandb_project,
+                                  wandb_run_name=cfg.training.wandb_run_name,
+                                  wandb_dir=cfg.training.save, wandb_config=to_dict(cfg))
         self._resume_or_init()
-        ckpt.install_signal_handlers()
+        signals.install_signal_handlers()
         self.num_devices = torch.distributed.get_world_size()
 
     def _resume_or_init(self) -> None:
@@ -471,9 +483,7 @@ class Trainer:
         if _is_logging_rank():
             self.printer(f" held-out pairs at step {self.step}: " +
                          " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
-            if self.logger.writer is not None:
-                for k, v in out.items():
-                    self.logger.writer.add_scalar(f"val/{k}", v, self.step)
+            self.logger.log_scalars({f"val/{k}": v for k, v in out.items()}, self.step)
         return out
 
     # ------------------------------------------------------------------------------- loop
@@ -535,7 +545,7 @@ class Trainer:
                     flops=self._step_flops(groups) if self.step % tr.log_interval == 0 else 0.0,
                     num_devices=self.num_devices,
                     skipped_samples=getattr(self.data, "skipped_total", 0),
-                    nan_steps=self.nan_steps, extra=metrics))
+                    nan_steps=self.nan_steps, extra=metrics, memory=gpu_memory_stats()))
                 if metrics and _is_logging_rank():
                     self.printer("   " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if self.balancer is not None and self.step % cfg.stage.balance_interval == 0:
@@ -544,7 +554,7 @@ class Trainer:
                 self.logger.log_validation(self.step, val)
             if tr.save_interval and self.step % tr.save_interval == 0:
                 summary.checkpoint = str(self.save())
-            if ckpt.should_save_and_exit():
+            if signals.should_save_and_exit():
                 summary.checkpoint = str(self.save())
                 summary.stopped_by_signal = True
                 break

@@ -27,20 +27,19 @@ from megatron_omni.convert.checkpoint_io import (
     ShardedSafetensorsWriter,
     TensorSource,
     load_safetensors_dir,
-    lora_pairs,
-    merge_lora,
     parse_size,
     partial_dir,
 )
-from megatron_omni.convert.param_map import (
+from megatron_omni.models.weight_maps.audio import sanm_links
+from megatron_omni.models.weight_maps.core import (
     ConversionError,
     export_tensors,
     full_from_plans,
-    llama_links,
     read_local,
-    sanm_links,
-    vision_links,
 )
+from megatron_omni.models.weight_maps.llm import llama_links
+from megatron_omni.models.weight_maps.vision import vision_links
+from megatron_omni.training.lora import lora_pairs, merge_lora
 
 TOOL = REPO / "tools" / "convert_checkpoint.py"
 
@@ -108,8 +107,8 @@ def make_qwen2vl(d: Path, seed: int = 4):
 def make_funasr(d: Path, seed: int = 5) -> dict:
     import yaml
 
-    from megatron_omni.convert.sanm import sanm_to_funasr
     from megatron_omni.models.audio import SANMConfig, SANMEncoder
+    from megatron_omni.models.weight_maps.audio import sanm_to_funasr
 
     torch.manual_seed(seed)
     c = SANMConfig(input_size=560, output_size=32, attention_heads=2, linear_units=64,
@@ -133,7 +132,7 @@ def fake_llama_dir(d: Path, vocab: int = 40, rope_scaling: Optional[dict] = None
     """A small Llama directory written without transformers (random tensors of the right
     shapes): for the refusal tests."""
     from megatron_omni.config import LLMConfig
-    from megatron_omni.convert.llama import megatron_to_hf
+    from megatron_omni.models.weight_maps.llm import megatron_to_hf
 
     llm = LLMConfig(num_layers=1, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2,
                     num_query_groups=1, vocab_size=vocab, mrope_section=[1, 1, 2])
@@ -196,15 +195,20 @@ def _save(tmp_path, name, state):
     return TensorSource.open(path)
 
 
-def test_row_plans_match_the_adapters_and_tp_slices(tmp_path):
-    """The streaming per-tensor maps reproduce the whole-dict adapters exactly, every TP slice
-    follows sharding.py's rules, and export_tensors inverts them."""
+def test_row_plans_from_disk_match_the_in_memory_maps_and_tp_slices(tmp_path):
+    """The weight maps read slice by slice from safetensors files give exactly what the
+    whole-dict helpers give in memory, every streamed TP slice equals sharding.py's split of the
+    full tensor, and export_tensors inverts the import."""
     from megatron_omni.config import LLMConfig, VisionConfig
-    from megatron_omni.convert.llama import hf_to_megatron, megatron_to_hf
-    from megatron_omni.convert.qwen2vl import expected_hf_vision_shapes, hf_to_vision, vision_to_hf
-    from megatron_omni.convert.sanm import expected_sanm_shapes, sanm_from_funasr
-    from megatron_omni.convert.sharding import shard_tensor
     from megatron_omni.models.audio import SANMConfig
+    from megatron_omni.models.weight_maps.audio import expected_sanm_shapes, sanm_from_funasr
+    from megatron_omni.models.weight_maps.llm import hf_to_megatron, megatron_to_hf
+    from megatron_omni.models.weight_maps.sharding import shard_tensor
+    from megatron_omni.models.weight_maps.vision import (
+        expected_hf_vision_shapes,
+        hf_to_vision,
+        vision_to_hf,
+    )
 
     g = torch.Generator().manual_seed(1)
     llm = LLMConfig(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
@@ -681,8 +685,8 @@ def test_lora_delta_is_merged_on_export(single_rank, tmp_path, capsys):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_omni.config import load_config
-    from megatron_omni.convert.llama import _qkv_split
     from megatron_omni.models.omni import OmniModel
+    from megatron_omni.models.weight_maps.core import split_group_qkv
     from megatron_omni.training.checkpoint import save_checkpoint
 
     cfg = load_config(None, ["model.vision.enabled=false", "model.audio.enabled=false",
@@ -709,7 +713,7 @@ def test_lora_delta_is_merged_on_export(single_rank, tmp_path, capsys):
     for i, layer in enumerate(model.llm.decoder.layers):
         qkv = layer.self_attention.linear_qkv
         merged = qkv.weight + 0.5 * qkv.lora_B.weight @ qkv.lora_A.weight
-        q, k, v = _qkv_split(merged.detach(), llm.num_attention_heads, llm.num_query_groups,
+        q, k, v = split_group_qkv(merged.detach(), llm.num_attention_heads, llm.num_query_groups,
                              llm.head_dim)
         for name, t in (("q", q), ("k", k), ("v", v)):
             assert torch.allclose(back[f"model.layers.{i}.self_attn.{name}_proj.weight"], t,
@@ -723,8 +727,8 @@ def test_export_of_a_training_checkpoint_skips_optimizer_state(single_rank, tmp_
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_omni.config import load_config
-    from megatron_omni.convert.llama import megatron_to_hf
     from megatron_omni.models.omni import OmniModel
+    from megatron_omni.models.weight_maps.llm import megatron_to_hf
     from megatron_omni.training.checkpoint import save_checkpoint
     from megatron_omni.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 

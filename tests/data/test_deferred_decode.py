@@ -19,13 +19,15 @@ import pytest
 import torch
 from test_loaders import _cfg, _loaders, data  # noqa: F401 - the shared prepared dataset
 
-from megatron_omni.data.media.backends import CPUBackend, dali_available, select_backend
+from megatron_omni.data.media.cpu_decode import CPUBackend
+from megatron_omni.data.media.dali import dali_available
 from megatron_omni.data.media.deferred import (
     TrainingDecoder,
     defers_decoding,
     make_training_decoder,
     patchify_on,
 )
+from megatron_omni.data.media.select import select_backend
 from megatron_omni.data.media.vision import ImageSettings, pixels_to_patches
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI not importable")

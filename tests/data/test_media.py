@@ -25,17 +25,14 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_omni.data.media import backends as B
+from megatron_omni.data.media import common as media_common
+from megatron_omni.data.media import dali as media_dali
 from megatron_omni.data.media.audio import resample, resampled_length, to_mono
-from megatron_omni.data.media.backends import (
-    CPUBackend,
-    MediaError,
-    probe_audio,
-    probe_image,
-    probe_video,
-    select_backend,
-)
+from megatron_omni.data.media.common import MediaError
+from megatron_omni.data.media.cpu_decode import CPUBackend
+from megatron_omni.data.media.probe import probe_audio, probe_image, probe_video
 from megatron_omni.data.media.processor import MediaProcessor
+from megatron_omni.data.media.select import select_backend
 from megatron_omni.data.media.vision import (
     VideoSettings,
     image_num_tokens,
@@ -48,7 +45,7 @@ from megatron_omni.data.media.vision import (
     video_num_tokens,
 )
 
-HAVE_DALI = B.dali_available()
+HAVE_DALI = media_dali.dali_available()
 needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI not importable")
 
 
@@ -148,7 +145,7 @@ def cpu():
 def dali():
     if not HAVE_DALI:
         pytest.skip("NVIDIA DALI not importable")
-    return B.DALIBackend(device="cpu", max_batch_size=4)
+    return media_dali.DALIBackend(device="cpu", max_batch_size=4)
 
 
 BACKENDS = ["cpu", pytest.param("dali", marks=needs_dali)]
@@ -359,7 +356,7 @@ def test_dali_video_agrees_with_cpu(media, cpu, dali, name):
 
 @needs_dali
 def test_dali_h264_falls_back_to_pyav(media, cpu, dali, caplog):
-    B._logged.clear()
+    media_common._logged.clear()
     with caplog.at_level(logging.INFO, logger="megatron_omni.data.media"):
         g = dali.decode_video(media["h264.mp4"], [0, 5, 25], size=(112, 168))
         dali.decode_video(media["h264.mp4"], [1])
@@ -481,18 +478,18 @@ def test_bad_inputs_raise_media_error(media, processors, backend):
 
 
 def test_select_backend(monkeypatch, caplog):
-    B._logged.clear()
+    media_common._logged.clear()
     with caplog.at_level(logging.INFO, logger="megatron_omni.data.media"):
         assert isinstance(select_backend("cpu"), CPUBackend)
         select_backend("cpu")
     assert sum("media backend (cpu)" in r.getMessage() for r in caplog.records) == 1
     auto = select_backend("auto")
-    assert isinstance(auto, B.DALIBackend if HAVE_DALI else CPUBackend)
+    assert isinstance(auto, media_dali.DALIBackend if HAVE_DALI else CPUBackend)
     with pytest.raises(ValueError, match="'auto', 'dali' or 'cpu'"):
         select_backend("gpu-magic")
 
     monkeypatch.setattr(
-        B, "_dali_state", {"mod": None, "err": ImportError("no module named nvidia.dali")}
+        media_dali, "_dali_state", {"mod": None, "err": ImportError("no module named nvidia.dali")}
     )
     assert isinstance(select_backend("auto"), CPUBackend)
     with pytest.raises(RuntimeError, match="DALI cannot be imported.*'cpu'"):

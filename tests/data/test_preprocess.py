@@ -20,18 +20,20 @@ from megatron.energon import (
     stateless,
 )
 
+from megatron_omni.data.format import (
+    image_settings_from,
+    load_omni_meta,
+    template_config_from,
+    video_settings_from,
+)
 from megatron_omni.data.loaders import cook_omni_sample
 from megatron_omni.data.media import CPUBackend, MediaProcessor
 from megatron_omni.data.preprocess import (
     PreprocessConfig,
     SkipLine,
     _make_ctx,
-    image_settings_from,
-    load_omni_meta,
     preprocess,
     process_line,
-    template_config_from,
-    video_settings_from,
 )
 from megatron_omni.data.templates import template_sample
 from megatron_omni.data.tokenizer import load_tokenizer, train_tiny_tokenizer

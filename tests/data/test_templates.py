@@ -18,6 +18,7 @@ from megatron_omni.data.templates import (
     sample_form,
     sequence_lengths,
     template_chat,
+    template_generation_prompt,
     template_preference,
     template_sample,
     template_text,
@@ -563,3 +564,87 @@ def test_form_specific_entry_points_check_the_form(tok):
         template_text(chat(U, A), tok)
     with pytest.raises(SampleError):
         template_preference({"text": "x"}, tok)
+
+
+# ------------------------------------------------------------------------- generation prompts
+
+
+def _first_answer_token(out):
+    return next(i for i, lab in enumerate(out.labels) if lab != IGNORE_INDEX)
+
+
+def test_generation_prompt_worked_example(tok):
+    """The prompt of a generation is the training template of the same conversation up to (not
+    including) the answer's first token: ends with the assistant header, no answer, no eot."""
+    question = chat(("S", SYS), ("U", "<image>\nWhat is this?"), images=["cat.jpg"])
+    out = template_generation_prompt(question, tok, image_tokens=[4])
+    enc = lambda s: tok.encode(s, parse_special=False)  # noqa: E731
+    s = tok.special
+    sh, eh, eot = tok.start_header_id, tok.end_header_id, tok.eot_id
+    prompt = ([tok.bos_id]
+              + [sh] + enc("system") + [eh] + enc("\n\n") + enc("Be brief.") + [eot]
+              + [sh] + enc("user") + [eh] + enc("\n\n")
+              + [s.image_start, s.image_patch, s.image_patch, s.image_patch, s.image_patch,
+                 s.image_end]
+              + enc("\nWhat is this?") + [eot]
+              + [sh] + enc("assistant") + [eh] + enc("\n\n"))
+    assert out.input_ids == prompt
+    assert out.labels == [IGNORE_INDEX] * len(prompt)
+    assert tok.decode(out.input_ids).endswith(
+        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    trained = template_chat(chat(("S", SYS), ("U", "<image>\nWhat is this?"), ("A", "A cat."),
+                                 images=["cat.jpg"]), tok, image_tokens=[4])
+    assert trained.input_ids[:_first_answer_token(trained)] == out.input_ids
+
+
+@pytest.mark.parametrize("config", [None, NO_SYS, TemplateConfig(system_prompt="Custom.")])
+def test_generation_prompt_equals_training_before_the_last_answer(tok, config):
+    """Multi-turn history (an earlier answer with speech and a gen_image caption, media
+    placeholders prepended to the first user turn): the prompt is the training sequence of the
+    conversation cut before its last answer."""
+    history = [
+        {"role": "user", "content": "Draw something."},
+        {"role": "assistant", "content": "Sure: <gen_image>a red cat</gen_image>",
+         "speech_tokens": [1, 2]},
+        {"role": "user", "content": "And now describe the clip."},
+    ]
+    media = {"images": ["a.png"], "videos": ["v.mp4"], "audios": ["s.wav"]}
+    prompt = template_generation_prompt({"messages": history, **media}, tok, image_tokens=[3],
+                                        video_tokens=[5], config=config)
+    trained = template_chat({"messages": history + [{"role": "assistant", "content": "Red."}],
+                             **media}, tok, image_tokens=[3], video_tokens=[5], config=config)
+    cut = max(i for i, lab in enumerate(trained.labels)
+              if lab == IGNORE_INDEX) + 1  # first token of the LAST answer
+    assert trained.input_ids[:cut] == prompt.input_ids
+    assert tok.decode(trained.input_ids[cut:]) == "Red.<|eot_id|>"
+    assert prompt.gen_image_spans == [] and prompt.gen_audio_spans == []  # no loss, no spans
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "What is this? <image>"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image> Hi"},
+     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "More."}],
+])
+def test_generation_prompt_equals_the_preference_prompt(tok, messages):
+    """What generation templated before (the shared prompt of a stand-in preference pair): the
+    same ids, so generation prompts did not change."""
+    sample = {"messages": messages, "images": ["c.png"]}
+    prompt = template_generation_prompt(sample, tok, image_tokens=[3])
+    pair = template_preference({"prompt": messages, "chosen": "-", "rejected": "-",
+                                "images": ["c.png"]}, tok, image_tokens=[3])
+    assert prompt.input_ids == pair.chosen.input_ids[:pair.prompt_len]
+
+
+def test_generation_prompt_errors(tok):
+    with pytest.raises(SampleError) as e:
+        template_generation_prompt(chat(("U", "Hi"), ("A", "Hello")), tok)
+    assert e.value.reason == "no_user_turn"
+    with pytest.raises(SampleError) as e:
+        template_generation_prompt(chat(("U", "Hi"), speech_tokens=[1]), tok)
+    assert e.value.reason == "bad_speech_tokens"
+    with pytest.raises(SampleError) as e:
+        template_generation_prompt({"text": "Hi"}, tok)
+    assert e.value.reason == "unknown_format"
+    with pytest.raises(SampleError) as e:
+        template_generation_prompt(chat(("U", "<image> and <image>")), tok, image_tokens=[2])
+    assert e.value.reason in ("media_tokens_mismatch", "placeholder_mismatch")

@@ -231,3 +231,54 @@ def test_eval_with_deferred_decoding_equals_worker_decoding(prepared, monkeypatc
                          modalities=["image"])["image"] for b in ("cpu", "deferred")}
     assert res["cpu"].loss_tokens == res["deferred"].loss_tokens > 0
     assert res["cpu"].loss_sum == res["deferred"].loss_sum
+
+
+def test_checkpoint_config_readers_follow_one_rule(prepared, monkeypatch, caplog):
+    """Generation, conversion and a resume's re-seed read a checkpoint's saved config through one
+    reader: keys this version does not know are an error naming them under ``model`` (the
+    weights depend on them) and one warning elsewhere; the re-seed reads the raw value."""
+    import logging
+
+    import yaml
+    from megatron.core import dist_checkpointing
+
+    from megatron_omni.config import ConfigError, to_dict
+    from megatron_omni.config.loader import merge
+    from megatron_omni.convert.checkpoint_io import MegatronCheckpointReader
+    from megatron_omni.convert.param_map import ConversionError
+    from megatron_omni.training import checkpoint as ckpt
+
+    real = dist_checkpointing.load_common_state_dict
+    extra: dict = {}
+
+    def with_extra_keys(path, *args, **kwargs):  # as if another version had saved it
+        common = real(path, *args, **kwargs)
+        meta = dict(common[ckpt.META_KEY])
+        meta["config"] = yaml.safe_dump(merge(yaml.safe_load(meta["config"]), extra))
+        return {**common, ckpt.META_KEY: meta}
+
+    monkeypatch.setattr(dist_checkpointing, "load_common_state_dict", with_extra_keys)
+    gen_cfg = to_dict(G.generation_config(prepared["ckpt"], 1))
+    conv_cfg = to_dict(MegatronCheckpointReader(prepared["ckpt"]).cfg)
+
+    extra.update(training={"future_option": 1, "seed": 99}, wandb={"project": "p"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megatron_omni.config.loader"):
+        gen = to_dict(G.generation_config(prepared["ckpt"], 1))
+        reader = MegatronCheckpointReader(prepared["ckpt"])
+    notes = [r.getMessage() for r in caplog.records if "unknown to this version" in r.getMessage()]
+    assert len(notes) == 2  # one per reader, naming every key
+    assert all("training.future_option" in n and "wandb" in n for n in notes)
+    gen_cfg["training"]["seed"] = conv_cfg["training"]["seed"] = 99
+    assert gen == gen_cfg and to_dict(reader.cfg) == conv_cfg
+    assert reader.raw_config["wandb"] == {"project": "p"}  # raw keeps every key
+
+    extra["model"] = {"llm": {"future_norm": "x"}, "new_encoder": {"depth": 2}}
+    with pytest.raises(ConfigError, match="model.llm.future_norm, model.new_encoder"):
+        G.generation_config(prepared["ckpt"], 1)
+    with pytest.raises(ConversionError, match="model.llm.future_norm, model.new_encoder"):
+        MegatronCheckpointReader(prepared["ckpt"])
+    # A resume at another layout re-seeds from the saved training.seed: read raw, never stopped
+    # by a key this version lost.
+    meta = with_extra_keys(str(ckpt.resolve_checkpoint(prepared["ckpt"])))[ckpt.META_KEY]
+    assert ckpt._seed_from(meta, None) == 99 and ckpt._seed_from(meta, 5) == 5

@@ -6,7 +6,6 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_omni.config import load_config
-from megatron_omni.convert.llama import hf_to_megatron, llm_config_from_hf, megatron_to_hf
 from megatron_omni.models.attention import packed_seq_params
 from megatron_omni.models.llm import (
     build_llm,
@@ -15,6 +14,7 @@ from megatron_omni.models.llm import (
     load_full_llm_state,
 )
 from megatron_omni.models.specs import llm_block_spec
+from megatron_omni.models.weight_maps.llm import hf_to_megatron, llm_config_from_hf, megatron_to_hf
 
 
 def tiny_cfg(*extra):

@@ -14,14 +14,6 @@ import math
 import pytest
 import torch
 
-from megatron_omni.convert.sanm import (
-    expected_sanm_shapes,
-    infer_sanm_config,
-    sanm_from_funasr,
-    sanm_from_release,
-    sanm_to_funasr,
-    sanm_to_release,
-)
 from megatron_omni.models.audio import (
     AudioTokenizerHead,
     SANMConfig,
@@ -34,6 +26,14 @@ from megatron_omni.models.audio_features import (
     batch_waveforms_to_features,
     num_fbank_frames,
     num_lfr_frames,
+)
+from megatron_omni.models.weight_maps.audio import (
+    expected_sanm_shapes,
+    infer_sanm_config,
+    sanm_from_funasr,
+    sanm_from_release,
+    sanm_to_funasr,
+    sanm_to_release,
 )
 
 TOL = 1e-5
@@ -228,7 +228,7 @@ def test_config_validation():
 
 
 def test_full_size_layout_matches_the_release():
-    """Paraformer-large: 50 blocks, key names and shapes as M2OMNI.md section 6 (meta device)."""
+    """Paraformer-large: 50 blocks, names and shapes as docs/recipe.md section 6 (meta device)."""
     shapes = expected_sanm_shapes(SANMConfig())
     assert shapes["encoders0.0.self_attn.linear_q_k_v.weight"] == (1536, 560)
     assert shapes["encoders0.0.norm1.weight"] == (560,)

@@ -12,17 +12,6 @@ import torch
 
 from megatron_omni.config import load_config
 from megatron_omni.config.schema import VisionConfig
-from megatron_omni.convert.qwen2vl import (
-    expected_hf_vision_shapes,
-    from_te_layout,
-    hf_to_vision,
-    shard_vision_state_dict,
-    to_te_layout,
-    unshard_vision_state_dict,
-    vision_config_from_hf,
-    vision_to_hf,
-)
-from megatron_omni.convert.sharding import partition_dim
 from megatron_omni.data.media.vision import patchify
 from megatron_omni.models.vision import (
     VisionEncoder,
@@ -31,6 +20,17 @@ from megatron_omni.models.vision import (
     vision_flops,
     vision_rotary_positions,
     vision_transformer_config,
+)
+from megatron_omni.models.weight_maps.sharding import partition_dim
+from megatron_omni.models.weight_maps.vision import (
+    expected_hf_vision_shapes,
+    from_te_layout,
+    hf_to_vision,
+    shard_vision_state_dict,
+    to_te_layout,
+    unshard_vision_state_dict,
+    vision_config_from_hf,
+    vision_to_hf,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -319,7 +319,7 @@ def test_example_yaml_real_size():
     tc = vision_transformer_config(cfg)
     assert (tc.num_layers, tc.ffn_hidden_size, tc.kv_channels) == (32, 5120, 80)
     n_params = sum(math.prod(s) for s in expected_hf_vision_shapes(v).values())
-    assert 660e6 < n_params < 690e6  # "~675M" (M2OMNI.md)
+    assert 660e6 < n_params < 690e6  # "~675M" (docs/recipe.md section 1)
     d = VisionConfig()
     assert (d.depth, d.hidden_size, d.num_heads) == (2, 32, 2)  # tiny defaults
 

@@ -422,10 +422,10 @@ def test_merge_parts_names_match_preprocess():
     sys.path.insert(0, str(REPO / "slurm"))
     import merge_parts
 
-    from megatron_omni.data import preprocess
+    from megatron_omni.data import format as dataset_format
 
     for name in ("OMNI_META", "REPORT_NAME", "SKIPPED_NAME", "SPLITS"):
-        assert getattr(merge_parts, name) == getattr(preprocess, name), name
+        assert getattr(merge_parts, name) == getattr(dataset_format, name), name
 
 
 def test_merged_dataset_loads(prepared):

@@ -27,13 +27,15 @@ from megatron_omni.config.schema import ConfigError
 from megatron_omni.plan import (
     CALIBRATION,
     CALIBRATION_TOLERANCE,
+    COMPUTE_EFFICIENCY,
+    CP_ATTENTION_EFFICIENCY,
     GiB,
     Layout,
     Workload,
     balanced_first_stage_layers,
     calibration_table,
     check_recipe,
-    cp_comm_seconds,
+    cp_seconds,
     cross_entropy_seconds,
     dp_comm_seconds,
     dp_exposed_seconds,
@@ -358,7 +360,7 @@ def test_parameter_counts_match_real_modules(single_rank):
                              "model.audio.num_blocks=3"])
     enc = SANMEncoder(SANMConfig(output_size=32, attention_heads=2, linear_units=48, num_blocks=3))
     assert sum(p.numel() for p in enc.parameters()) == sanm_params(cfg)
-    # The full-size towers: Qwen2-VL's ViT with a 3584-wide merger is the ~675M of M2OMNI.md.
+    # The full-size towers: Qwen2-VL's ViT with a 3584-wide merger is the ~675M of docs/recipe.md.
     vit = sum(vit_params(load_model_config("9b")))
     assert 670e6 < vit < 680e6
     assert 150e6 < sanm_params(load_model_config("72b")) < 170e6
@@ -574,12 +576,60 @@ def test_tp_comm_by_hand():
     assert tp_comm_seconds(8192, 8192, 1, True, 80, 0, 1e11) == 0.0
 
 
-def test_cp_and_p2p_by_hand():
-    # CP2, 4096 local tokens, K+V width 2 x 1024: 3 steps per layer of 16 MiB.
-    step = 2 * 1024 * 4096 * 2
-    assert cp_comm_seconds(4096, 1024, 2, 1, 1e11) == pytest.approx(3 * step / 1e11)
-    assert cp_comm_seconds(4096, 1024, 2, 10, 1e11, overhead_s=1e-4, exposed=0.0) \
-        == pytest.approx(30 * 1e-4)
+def test_cp_by_hand():
+    # CP2, 4096 local tokens, q width 4096, K/V width 1024, TP1, one layer whose attention takes
+    # 3 ms at the whole-sequence rate; kernels at 0.6 of it: 5 ms, 1/3 forward, 2/3 backward,
+    # in 2 ring steps each way -> 0.8333 ms per forward step, 1.6667 ms per backward step.
+    # K+V of the rank: 2 x 1024 x 4096 x 2 bytes = 16,777,216 bytes.
+    t = cp_seconds(4096, 4096, 1024, 1, 2, 1, 3e-3, 1e10, 2e12, 1e-4, attention_efficiency=0.6)
+    # at 10 GB/s the K/V take 1.6777 ms: 0.8444 ms exposed forward; backward K/V + dK/dV
+    # 3.3554 ms against 1.6667 ms of attention: 1.6888 ms exposed
+    assert t.exposed_ring == pytest.approx(8.4438827e-4 + 1.6887765e-3)
+    assert t.kernels == pytest.approx(5e-3 - 3e-3)
+    # merges: 2 steps x 10 bytes x (4096 x 4096 forward + 4096 x 4096 + 2 x 1024 x 4096
+    # backward elements) = 838,860,800 bytes at 2 TB/s
+    assert t.correction == pytest.approx(4.194304e-4)
+    assert t.steps == pytest.approx(2 * 1e-4)
+    assert t.total == pytest.approx(t.exposed_ring + t.kernels + t.correction + t.steps)
+    # on NVLink (360 GB/s: 47 us per K/V transfer) the ring is hidden by the step's attention
+    assert cp_seconds(4096, 4096, 1024, 1, 2, 1, 3e-3, 3.6e11, 2e12, 1e-4).exposed_ring == 0.0
+    # TP shards the heads: TP4 moves and merges a quarter; layers multiply; CP1 costs nothing
+    t4 = cp_seconds(4096, 4096, 1024, 4, 2, 1, 3e-3, 1e10, 2e12, 1e-4, attention_efficiency=0.6)
+    assert t4.correction == pytest.approx(t.correction / 4)
+    assert cp_seconds(4096, 4096, 1024, 1, 2, 10, 3e-3, 1e10, 2e12, 1e-4).total \
+        == pytest.approx(10 * cp_seconds(4096, 4096, 1024, 1, 2, 1, 3e-3, 1e10, 2e12, 1e-4).total)
+    assert cp_seconds(8192, 4096, 1024, 1, 1, 32, 3e-3, 1e10, 2e12, 1e-4).total == 0.0
+    # CP4: 3 exchanged steps each way, 4 merges, 6 step latencies
+    t8 = cp_seconds(2048, 4096, 1024, 1, 4, 1, 1.5e-3, 3.6e11, 2e12, 1e-4)
+    assert t8.steps == pytest.approx(6e-4)
+    assert t8.correction == pytest.approx(4 * 10 * (2 * 2048 * 4096 + 2 * 1024 * 2048) / 2e12)
+
+
+def test_cp_and_fp8_attention_in_a_plan_by_hand():
+    """Llama-3-8B at CP2, FP8: the attention products (3 x 2 x 2 q_w s^2 / 2 per layer and row,
+    / CP) run at the bf16 rate, the rest at the fp8 rate; the CP term uses that attention time."""
+    cfg = load_model_config("llama3-8b")
+    p = plan(cfg, Layout(cp=2, dp=4, global_batch=128), Workload(8192), precision="fp8",
+             trainable=False)
+    st = p.stages[0]
+    attn_layer = 3 * 2 * 2 * 4096 * 8192 ** 2 / 2 / 2  # 3 passes x (QK^T, PV) x 2q_w s^2/2 / CP
+    assert st.sixteen_bit_flops == pytest.approx(32 * attn_layer)
+    rate8 = PEAK_FLOPS["h100"]["fp8"] * COMPUTE_EFFICIENCY["fp8"]
+    rate16 = PEAK_FLOPS["h100"]["bf16"] * COMPUTE_EFFICIENCY["bf16"]
+    assert st.times["compute"] == pytest.approx(
+        (st.flops_per_micro_batch - st.sixteen_bit_flops) / rate8 + st.sixteen_bit_flops / rate16)
+    want = cp_seconds(4096, 4096, 1024, 1, 2, 32, attn_layer / rate16, 360e9, 2.6e12, 100e-6)
+    assert st.times["cp"] == pytest.approx(want.total)
+    assert want.kernels == pytest.approx(32 * attn_layer / rate16 * (1 / CP_ATTENTION_EFFICIENCY
+                                                                      - 1))
+    # bf16 runs: one rate for everything
+    b = plan(cfg, Layout(cp=2, dp=4, global_batch=128), Workload(8192), precision="bf16",
+             trainable=False).stages[0]
+    assert b.times["compute"] == pytest.approx(
+        b.flops_per_micro_batch / (PEAK_FLOPS["h100"]["bf16"] * COMPUTE_EFFICIENCY["bf16"]))
+
+
+def test_p2p_by_hand():
     act = 8192 * 8192 * 2 / 4
     # 1F1B: 2 blocking transfers of the SP-sharded activation + the fixed overhead each.
     assert p2p_seconds(8192, 8192, 4, True, None, 5e10, 1e-4) == pytest.approx(
@@ -632,6 +682,28 @@ def test_step_time_adds_up_and_terms_move_the_right_way():
     assert deep.stages[1].times["p2p"] == pytest.approx(2 * p.stages[1].times["p2p"])
 
 
+def test_embedding_and_lm_head_imbalance_by_hand():
+    """Llama-3-70B TP4 PP8 (vocabulary 128256 padded to 128512): the first stage holds the
+    embedding (weights, no FLOPs), the last the LM head (3 x 2 x s x h x V / t FLOPs) and the
+    cross entropy over its vocabulary shard; the middle stages only their 10 layers."""
+    cfg = load_model_config("llama3-70b")
+    p = plan(cfg, Layout(tp=4, pp=8, dp=2, global_batch=128), Workload(8192), precision="fp8")
+    first, mid, last = p.stages[0], p.stages[3], p.stages[7]
+    assert first.llm_layers == mid.llm_layers == last.llm_layers == 10
+    v, h = 128512, 8192
+    assert first.flops_per_micro_batch == pytest.approx(mid.flops_per_micro_batch)
+    assert last.flops_per_micro_batch - mid.flops_per_micro_batch == pytest.approx(
+        3 * 2 * 8192 * h * v / 4)
+    assert first.params - mid.params == v * h // 4
+    assert last.params - mid.params == v * h // 4 + h  # output layer + final norm
+    assert last.times["cross_entropy"] == pytest.approx(8192 * (v // 4) * 4.0 * 3 / 2.6e12)
+    assert mid.times["cross_entropy"] == first.times["cross_entropy"] == 0.0
+    # the LM head makes the last stage the slowest: it sets the pace
+    assert max(p.stages, key=lambda s: s.micro_batch_time) is last
+    assert p.stage_imbalance == pytest.approx(
+        last.flops_per_micro_batch * 8 / sum(s.flops_per_micro_batch for s in p.stages))
+
+
 def test_block_recompute_costs_flops_for_the_recomputed_layers_only():
     cfg = load_model_config("llama3-8b")
     base = plan(cfg, Layout(dp=8, global_batch=128), Workload(8192), precision="fp8",
@@ -661,12 +733,10 @@ def test_calibration_against_published_megatron_core_rows():
     assert len({r["layout"] for r in held}) >= 3
     # every row the planner is not held to says why
     assert all(r["row"].note for r in rows if not r["row"].in_tolerance)
+    # both context-parallel rows (8B and 70B CP2) are held
+    assert {r["row"].model for r in held if r["row"].cp > 1} == {"llama3-8b", "llama3-70b"}
 
 
-@pytest.mark.xfail(strict=True, reason="known disagreement (BENCHMARKS.md, Planner calibration): "
-                   "the planner puts TP4 PP4 VP5 CP2 ~2% ahead of TP4 PP8 VP5; the two rows come "
-                   "from different containers (24.07 vs 25.09+), and no CP cost term that would "
-                   "reorder them is backed by a published figure")
 def test_published_layout_ranking_agrees_for_the_70b():
     """Published: TP4 PP8 VP5 (1,602-1,621 tokens/s/GPU) beats TP4 PP4 VP5 CP2 (1,533)."""
     rows = {(r["row"].pp, r["row"].cp, r["row"].global_batch): r for r in calibration_table()

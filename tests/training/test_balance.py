@@ -1,7 +1,8 @@
-"""Step balance and dynamic adaptive balance (M2OMNI.md sections 3 and 4).
+"""Step balance and dynamic adaptive balance (docs/recipe.md sections 3 and 4).
 
-Expected values come from the worked examples in M2OMNI.md or are computed here by hand / with an
-independent numpy reference (polyfit for the least-squares slope), never from the code under test.
+Expected values come from the worked examples in docs/recipe.md or are computed here by hand / with
+an independent numpy reference (polyfit for the least-squares slope), never from the code under
+test.
 """
 
 import json
@@ -31,7 +32,7 @@ EPS = 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
-# independent reference (numpy), written from the formulas in M2OMNI.md section 4
+# independent reference (numpy), written from the formulas in docs/recipe.md section 4
 
 
 def ref_slope(window, eps=EPS):
@@ -67,7 +68,7 @@ def segments(n, mods=("text", "image", "video")):
 
 def test_worked_example_from_spec():
     slopes = [-0.1, -0.05, -0.01, -0.2]
-    expected = [1.06, 1.03, 0.92, 0.99]  # M2OMNI.md, rounded, before the EMA
+    expected = [1.06, 1.03, 0.92, 0.99]  # docs/recipe.md section 4, rounded, before EMA
     # By hand: sum|a| = 0.36, a_tilde = 4 a / 0.36
     a_tilde = [4 * a / 0.36 for a in slopes]
     assert a_tilde == pytest.approx([-1.1111, -0.5556, -0.1111, -2.2222], abs=1e-4)

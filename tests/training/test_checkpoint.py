@@ -27,6 +27,7 @@ from dist_utils import REPO, free_port, run_workers
 
 from megatron_omni.config import ConfigError, load_config
 from megatron_omni.training import checkpoint as ckpt
+from megatron_omni.training import signals
 
 K, N = 3, 6
 
@@ -95,18 +96,18 @@ def test_prune_keeps_last_k_and_cleanup_removes_only_tmp(tmp_path):
 # --- signals, schedule ----------------------------------------------------------------------------
 
 def test_signal_sets_flag_instead_of_killing():
-    assert ckpt.REQUEUE_EXIT_CODE not in (0, 1, 2) and ckpt.REQUEUE_EXIT_CODE < 128
-    ckpt.reset_signal_flag()
-    previous = ckpt.install_signal_handlers((signal.SIGUSR1,))
+    assert signals.REQUEUE_EXIT_CODE not in (0, 1, 2) and signals.REQUEUE_EXIT_CODE < 128
+    signals.reset_signal_flag()
+    previous = signals.install_signal_handlers((signal.SIGUSR1,))
     try:
-        assert ckpt.signal_received() is None and ckpt.should_save_and_exit() is False
+        assert signals.signal_received() is None and signals.should_save_and_exit() is False
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert ckpt.signal_received() == signal.SIGUSR1
-        assert ckpt.should_save_and_exit() is True
+        assert signals.signal_received() == signal.SIGUSR1
+        assert signals.should_save_and_exit() is True
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        ckpt.reset_signal_flag()
+        signals.reset_signal_flag()
 
 
 def test_scheduler_linear_warmup_then_cosine():

@@ -87,11 +87,11 @@ def test_step_collectives_use_the_communication_device(single_rank, monkeypatch)
 
 
 def test_checkpoint_and_balance_collectives_use_the_same_rule(single_rank, monkeypatch):
-    from megatron_omni.training import checkpoint as ckpt
+    from megatron_omni.training import signals
     from megatron_omni.training.balance import all_reduce_mean_losses
 
     with collective_harness(monkeypatch) as calls:
-        assert ckpt.should_save_and_exit() is False
+        assert signals.should_save_and_exit() is False
         assert all_reduce_mean_losses({"text": 2.0, "audio": 4.0}) == {"text": 2.0, "audio": 4.0}
     assert len(calls) == 2 and all(d == torch.device("cpu") for _, d in calls)
 
@@ -264,9 +264,9 @@ def test_loader_side_media_backend_never_opens_a_gpu_pipeline(monkeypatch):
     with workers)."""
     pytest.importorskip("nvidia.dali")
     from megatron_omni.data.loaders import loader_media_backend
-    from megatron_omni.data.media import backends
+    from megatron_omni.data.media import dali
 
-    monkeypatch.setattr(backends, "cuda_available", lambda: True)
+    monkeypatch.setattr(dali, "cuda_available", lambda: True)
     for name in ("auto", "dali"):
         b = loader_media_backend(name)
         assert b.name == "dali" and b.device == "cpu" and b.device_id is None

@@ -119,3 +119,48 @@ def test_missing_init_from_is_a_config_error(single_rank, tmp_path):
 
     with pytest.raises(ConfigError, match="stage.init_from=.*does not exist"):
         make_trainer(tmp_path, "training.train_iters=1", f"stage.init_from={tmp_path / 'none'}")
+
+
+def test_run_logs_and_sends_tensorboard_scalars_to_wandb(single_rank, tmp_path, monkeypatch,
+                                                          caplog):
+    import logging
+    import sys
+    import types
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = []
+
+    class Run:
+        def __init__(self, **kw):
+            self.kw, self.logged, self.finished = kw, [], False
+
+        def log(self, data, step=None):
+            self.logged.append((dict(data), step))
+
+        def finish(self):
+            self.finished = True
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: runs.append(Run(**kw)) or runs[-1]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    caplog.set_level(logging.INFO)
+    t, lines = make_trainer(tmp_path, "training.train_iters=2", "training.wandb_project=omni",
+                            f"training.save={tmp_path / 'save'}", "stage.balance=dynamic",
+                            "stage.balance_window=2", "stage.balance_interval=1",
+                            "stage.val_micro_batches=1")
+    t.train()
+    # INFO lines of the process log: the layer implementation and the checkpoint saved.
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any(m.startswith("model: local layers (model.transformer_impl=") for m in info), info
+    assert any(m.startswith("saved checkpoint ") and "step_00000002" in m for m in info), info
+    (run,) = runs
+    assert run.finished and run.kw["project"] == "omni" and run.kw["dir"] == str(tmp_path / "save")
+    assert run.kw["config"]["training"]["train_iters"] == 2
+    ea = EventAccumulator(str(tmp_path / "tb"))
+    ea.Reload()
+    tb = {(tag, e.step): e.value for tag in ea.Tags()["scalars"] for e in ea.Scalars(tag)}
+    wb = {(k, step): v for data, step in run.logged for k, v in data.items()}
+    assert set(wb) == set(tb) and ("val/loss/audio", 2) in wb and ("loss/text", 1) in wb
+    for key, v in tb.items():
+        assert wb[key] == pytest.approx(v, rel=1e-6), key

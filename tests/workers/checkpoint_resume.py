@@ -38,6 +38,7 @@ from megatron_omni.models.attention import packed_seq_params  # noqa: E402
 from megatron_omni.models.llm import build_llm_chunks  # noqa: E402
 from megatron_omni.parallel import runtime  # noqa: E402
 from megatron_omni.training import checkpoint as ckpt  # noqa: E402
+from megatron_omni.training import signals  # noqa: E402
 from megatron_omni.training.optimizer import (  # noqa: E402
     build_optimizer,
     build_scheduler,
@@ -103,7 +104,8 @@ def forward_step(it, m):
 
     def loss_func(per_token):
         loss = per_token.float().mean()
-        # clone: the schedule divides the returned loss in place (MCORE_NOTES bug 5)
+        # clone: the schedule divides the returned loss in place (docs/architecture.md section 6,
+        # issue 5)
         return loss, {"loss": loss.detach().clone()}
 
     return out, loss_func
@@ -280,13 +282,13 @@ def phase_resume(base: Path, out_path: str):
     results["weights_only"] = w
 
     # Signals: nobody signalled -> False everywhere; rank 1 signalled -> True everywhere.
-    ckpt.install_signal_handlers()
-    s0 = ckpt.should_save_and_exit()
+    signals.install_signal_handlers()
+    s0 = signals.should_save_and_exit()
     if rank() == 1:
         os.kill(os.getpid(), signal.SIGUSR1)
-    s1 = ckpt.should_save_and_exit()
+    s1 = signals.should_save_and_exit()
     results["signals"] = {"before": gather(s0), "after": gather(s1),
-                          "local": gather(ckpt.signal_received())}
+                          "local": gather(signals.signal_received())}
 
     # tp2 last: its killed step-4 save must be ignored; then keep-last-2 over saves 4, 5, 6
     # (the first of which also clears the killed save's tmp_step_00000004).

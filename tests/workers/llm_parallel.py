@@ -25,10 +25,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region  # noqa: E402
 
 from megatron_omni.config import load_config  # noqa: E402
-from megatron_omni.convert.llama import hf_to_megatron, llm_config_from_hf  # noqa: E402
-from megatron_omni.convert.sharding import stage_state_dict  # noqa: E402
 from megatron_omni.models.attention import packed_seq_params  # noqa: E402
 from megatron_omni.models.llm import build_llm_chunks, chunk_layer_range, load_full_llm_state  # noqa: E402
+from megatron_omni.models.weight_maps.llm import hf_to_megatron, llm_config_from_hf  # noqa: E402
+from megatron_omni.models.weight_maps.sharding import stage_state_dict  # noqa: E402
 from megatron_omni.parallel import runtime  # noqa: E402
 
 torch.set_num_threads(1)

@@ -4,7 +4,7 @@ a TP=PP=1 reference computed with plain autograd.
 Reference: an adapted TP=1 omni model (same seed on every rank, B random so A gets gradients):
 per micro-batch a packed forward with the adapters on and one with them off, L = L_dpo + 0.3 x
 L_sft over ALL micro-batches, backward. Each layout loads its shard of the reference weights
-(adapters included, split by convert/sharding.py's rules), runs ``run_at_step`` through
+(adapters included, split by models/weight_maps/sharding.py's rules), runs ``run_at_step`` through
 megatron-core's schedule and DDP on its data-parallel share, and compares the DPO metrics, the
 SFT loss and the finalised adapter gradients. Rank 0 writes {layout: {metric: max abs diff}}.
 """

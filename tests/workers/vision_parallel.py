@@ -22,13 +22,13 @@ from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.transformer.transformer_block import get_num_layers_to_build  # noqa: E402
 
 from megatron_omni.config import load_config  # noqa: E402
-from megatron_omni.convert.qwen2vl import shard_vision_state_dict  # noqa: E402
 from megatron_omni.data.media.vision import patchify  # noqa: E402
 from megatron_omni.models.vision import (  # noqa: E402
     _vision_config,
     build_vision_encoder,
     vision_transformer_config,
 )
+from megatron_omni.models.weight_maps.vision import shard_vision_state_dict  # noqa: E402
 from megatron_omni.parallel import runtime  # noqa: E402
 
 torch.set_num_threads(1)

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from megatron_omni.data.format import MODALITIES
 from megatron_omni.data.preprocess import (
-    MODALITIES,
     PREPROCESS_REASONS,
     PreprocessConfig,
     SkipLine,

@@ -36,16 +36,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from megatron_omni.data.media.backends import (
-    MediaBackend,
-    MediaError,
-    VideoInfo,
-    cuda_available,
-    dali_available,
-    log_once,
-    select_backend,
-)
+from megatron_omni.data.media.base import MediaBackend
+from megatron_omni.data.media.common import MediaError, log_once
+from megatron_omni.data.media.dali import cuda_available, dali_available
+from megatron_omni.data.media.probe import VideoInfo
 from megatron_omni.data.media.processor import MediaProcessor
+from megatron_omni.data.media.select import select_backend
 from megatron_omni.data.media.vision import ImageSettings, grid_thw_for, tokens_for_grid
 
 log = logging.getLogger("megatron_omni.data.media.deferred")

@@ -8,7 +8,7 @@
   stores these numbers; the packer budgets with them.
 * decoding: :meth:`~MediaProcessor.image` / :meth:`~MediaProcessor.video` -> :class:`VisualInput`
   (ViT patches + grid_thw), :meth:`~MediaProcessor.audio` -> 16 kHz mono waveform. The plural
-  methods take a batch and return a :class:`~.backends.MediaError` in place of each bad input.
+  methods take a batch and return a :class:`~.common.MediaError` in place of each bad input.
 
 The decode path re-uses the very plan the token count came from (same resize, same frame
 count), and checks the decoded grid against it, so the count stored at preprocessing time and
@@ -24,13 +24,10 @@ import numpy as np
 import torch
 
 from megatron_omni.data.media.audio import TARGET_SAMPLE_RATE, prepare_audio, resampled_length
-from megatron_omni.data.media.backends import (
-    MediaBackend,
-    MediaError,
-    Source,
-    VideoInfo,
-    select_backend,
-)
+from megatron_omni.data.media.base import MediaBackend
+from megatron_omni.data.media.common import MediaError, Source
+from megatron_omni.data.media.probe import VideoInfo
+from megatron_omni.data.media.select import select_backend
 from megatron_omni.data.media.vision import (
     ImageSettings,
     VideoSettings,

@@ -9,7 +9,7 @@ come out whichever decoder (Pillow/PyAV or DALI) produced the pixels:
   ``Qwen2VLImageProcessor`` ``pixel_values``).
 * token-count helpers (:func:`image_num_tokens`, :func:`video_num_tokens`, ...) that compute the
   number of LLM tokens from the media SIZE alone. Preprocessing stores these counts; packing and
-  balancing plan with them long before any pixel is decoded (DESIGN.md principle 4).
+  balancing plan with them long before any pixel is decoded (docs/architecture.md principle 4).
 * video frame sampling (:func:`num_sampled_frames`, :func:`sample_frame_indices`): one function
   decides how many frames a video contributes, and the index sampler calls it, so the frame
   count used for the token budget and the frames actually decoded always agree.
@@ -29,7 +29,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class ImageSettings:
-    """How images are resized and cut into ViT patches (M2OMNI.md section 1, 'image input')."""
+    """How images are resized and cut into ViT patches (docs/recipe.md section 1, 'image input')."""
 
     patch_size: int = 14
     """Spatial ViT patch size in pixels."""
@@ -69,7 +69,7 @@ class ImageSettings:
 
 @dataclass(frozen=True)
 class VideoSettings:
-    """How many frames a video contributes and at which size (M2OMNI.md section 1, 'video
+    """How many frames a video contributes and at which size (docs/recipe.md section 1, 'video
     input')."""
 
     fps: float = 2.0

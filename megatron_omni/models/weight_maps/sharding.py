@@ -1,6 +1,8 @@
-"""Split full (TP=1, PP=1) megatron-core state dicts into per-rank shards and back.
+"""The tensor-parallel split rule and layer names every weight map shares: full (TP=1, PP=1)
+megatron-core state dicts into per-rank shards and back.
 
-The rules follow megatron-core's tensor-parallel layers:
+The rules follow megatron-core's tensor-parallel layers (the LLM and the ViT are megatron-core
+transformer blocks; SAN-M and the projectors have none of these names, so they are replicated):
 
 * column-parallel weights (``linear_qkv``, ``linear_fc1``, word embeddings, ``output_layer``) are
   split along dim 0; ``linear_qkv`` is stored group-major (per KV group: its query heads, then its
@@ -15,15 +17,19 @@ The rules follow megatron-core's tensor-parallel layers:
   row-parallel linear along dim 1; the other factor is replicated.
 
 ``gated_mlp`` may be a bool or a predicate on the parameter name, for state dicts that mix gated
-(Llama) and plain (ViT, merger) MLPs.
+(Llama) and plain (ViT, merger) MLPs: each map says which of its MLPs are gated (``gated``).
 
 Pipeline stages hold a contiguous range of global layers; their local names count from 0.
+
+Transformer Engine layers fuse the pre-attention / pre-MLP norms into ``linear_qkv`` /
+``linear_fc1`` (``layer_norm_weight``); the maps speak local-spec names and
+:func:`to_te_layout` / :func:`from_te_layout` rename.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
@@ -79,6 +85,24 @@ def unshard_tensor(name: str, shards: list[torch.Tensor], gated_mlp: bool = True
     return torch.cat(shards, dim=dim)
 
 
+def tp_row_ranges(name: str, full_rows: int, tp_rank: int, tp_size: int,
+                  gated: Callable[[str], bool]) -> tuple[list[tuple[int, int]], Optional[int]]:
+    """(row ranges of our full tensor this TP rank holds, partition dim) under the rules above
+    (column-parallel: a contiguous row block; gated ``linear_fc1``: one block of the gate half and
+    one of the up half; row-parallel and replicated: all rows). The streaming form of
+    :func:`shard_tensor`."""
+    dim = partition_dim(name) if tp_size > 1 else None
+    if dim != 0:
+        return [(0, full_rows)], dim
+    if _is_gated(name, gated):
+        half = full_rows // 2
+        per = half // tp_size
+        return [(tp_rank * per, (tp_rank + 1) * per),
+                (half + tp_rank * per, half + (tp_rank + 1) * per)], dim
+    per = full_rows // tp_size
+    return [(tp_rank * per, (tp_rank + 1) * per)], dim
+
+
 def layer_index(name: str) -> Optional[int]:
     m = _LAYER.match(name)
     return int(m.group("idx")) if m else None
@@ -115,3 +139,44 @@ def stage_state_dict(full: dict, tp_rank: int, tp_size: int, layer_offset: int, 
             continue
         out[name] = shard_tensor(name, t, tp_rank, tp_size, gated_mlp)
     return out
+
+
+# --- Transformer Engine layer names ---------------------------------------------------------------
+
+_TE_NAMES = (
+    (re.compile(r"(layers\.\d+\.)input_layernorm\.(weight|bias)$"),
+     r"\1self_attention.linear_qkv.layer_norm_\2"),
+    (re.compile(r"(layers\.\d+\.)pre_mlp_layernorm\.(weight|bias)$"),
+     r"\1mlp.linear_fc1.layer_norm_\2"),
+)
+_LOCAL_NAMES = (
+    (re.compile(r"(layers\.\d+\.)self_attention\.linear_qkv\.layer_norm_(weight|bias)$"),
+     r"\1input_layernorm.\2"),
+    (re.compile(r"(layers\.\d+\.)mlp\.linear_fc1\.layer_norm_(weight|bias)$"),
+     r"\1pre_mlp_layernorm.\2"),
+)
+
+
+def _rename(state: Mapping, rules) -> dict:
+    out = {}
+    for k, v in state.items():
+        for pattern, repl in rules:
+            k = pattern.sub(repl, k)
+        out[k] = v
+    return out
+
+
+def to_te_layout(state: Mapping) -> dict:
+    """Local-spec names -> Transformer Engine spec names (fused layer norms; the same map as
+    megatron-core's local spec ``sharded_state_dict_keys_map``)."""
+    return _rename(state, _TE_NAMES)
+
+
+def from_te_layout(state: Mapping) -> dict:
+    """Transformer Engine spec names -> local-spec names (identity on local names)."""
+    return _rename(state, _LOCAL_NAMES)
+
+
+def local_name(name: str) -> str:
+    """One parameter name in local-spec form (see :func:`from_te_layout`)."""
+    return next(iter(from_te_layout({name: None})))

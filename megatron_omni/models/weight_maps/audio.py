@@ -1,7 +1,11 @@
-"""State-dict adapter for the SAN-M audio encoder: FunASR / M2-omni release <-> ``SANMEncoder``.
+"""Weight map of the SAN-M audio encoder (:mod:`megatron_omni.models.audio`): FunASR / M2-omni
+release <-> ``SANMEncoder``.
 
-Our module keeps FunASR's parameter names (see ``megatron_omni/models/audio.py``), so converting is
-a prefix change plus strict checking:
+Our module keeps FunASR's parameter names, so every link is a ``copy`` (a prefix change) and the
+map's work is strict checking. SAN-M is a plain torch module: nothing of it is split over TP
+(:func:`gated` is never true and none of its names is a megatron-core parallel linear).
+
+Prefixes:
 
 - FunASR Paraformer checkpoints hold the encoder under ``encoder.`` (next to ``decoder.``,
   ``predictor.``, ``ctc.`` ... which are not ours and are ignored);
@@ -17,15 +21,16 @@ and produces garbage.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 
-from megatron_omni.models.audio import SANMConfig, SANMEncoder
-
-from .keys import key_problems
+from ..audio import SANMConfig, SANMEncoder
+from .core import DictSource, Link, export_state, full_from_plans, key_problems
 
 __all__ = [
+    "links",
+    "gated",
     "FUNASR_PREFIX",
     "RELEASE_PREFIX",
     "expected_sanm_shapes",
@@ -46,6 +51,27 @@ def expected_sanm_shapes(config: SANMConfig) -> dict[str, torch.Size]:
         module = SANMEncoder(config)
     return {name: tensor.shape for name, tensor in module.state_dict().items()}
 
+
+def links(config: SANMConfig, ours: str = "", hf: str = FUNASR_PREFIX) -> list[Link]:
+    """Our SAN-M encoder (``ours`` prefix: ``"audio_model."`` inside the omni model) <-> FunASR
+    (``hf``: ``encoder.``) / the release (``audio_model.encoder.``): same parameter names,
+    prefix change only."""
+    return sanm_links(expected_sanm_shapes(config), ours, hf)
+
+
+def sanm_links(names: Iterable[str], ours: str = "audio_model.", hf: str = FUNASR_PREFIX
+               ) -> list[Link]:
+    """:func:`links` for given ``SANMEncoder`` state-dict keys ``names``."""
+    return [Link(ours + n, (hf + n,)) for n in names]
+
+
+def sanm_param_names(config: SANMConfig) -> list[str]:
+    return list(expected_sanm_shapes(config))
+
+
+def gated(name: str) -> bool:
+    """The TP split rule: SAN-M is replicated on every TP rank (no gated MLP, no split)."""
+    return False
 
 
 def _check(state: Mapping[str, torch.Tensor], config: SANMConfig, where: str) -> None:
@@ -104,14 +130,14 @@ def _strip(state: Mapping[str, torch.Tensor], prefix: str, config: SANMConfig | 
     if config is None:
         config = infer_sanm_config(ours)
     _check(ours, config, f"keys under {prefix!r}")
-    return ours
+    return full_from_plans(links(config, hf=""), DictSource(ours, "SAN-M state dict"))
 
 
 def _add(state: Mapping[str, torch.Tensor], prefix: str, config: SANMConfig | None) -> StateDict:
     if config is None:
         config = infer_sanm_config(state)
     _check(state, config, "SANMEncoder state dict")
-    return {prefix + k: v for k, v in state.items()}
+    return export_state(links(config, hf=prefix), state)
 
 
 def sanm_from_funasr(
