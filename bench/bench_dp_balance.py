@@ -13,6 +13,13 @@ r-th slice of the step's rows, as when every rank packs its own stream) and the 
 (``BalancedSteps``: window of 8 steps, longest-first dealing + swaps); token efficiency (the
 same rows for both); samples/s of packing + balancing (single process, this machine).
 
+The wired path (``data.dp_balance: cost``, ``RowExchange``): as in training, rank r packs its
+own slice of the samples (Energon's per-rank shard slice: ``samples[r::DP]``) in chunks of
+``--buffer-size`` and takes its next 128 / DP rows per step; "per-rank" is that as it is (what
+``dp_balance: none`` trains), "swapped" after ``swap_plan`` (target 1.01, the default; rows of one
+group, as in a single-modality stage): moved = share of the step's rows that change rank;
+samples/s = packing + costing + planning for all ranks in this one process.
+
 Usage: ``python bench/bench_dp_balance.py [--num-samples 20000] [--seed 0]``
 """
 
@@ -21,8 +28,19 @@ from __future__ import annotations
 import argparse
 import time
 
-from megatron_omni.data.dp_balance import BalancedSteps, CostModel, imbalance
-from megatron_omni.data.packing import PackingConfig, realistic_mix
+from megatron_omni.data.dp_balance import (
+    BalancedSteps,
+    CostModel,
+    apply_swaps,
+    imbalance,
+    swap_plan,
+)
+from megatron_omni.data.packing import (
+    PackingConfig,
+    PackingStats,
+    pack_samples,
+    realistic_mix,
+)
 from megatron_omni.plan import load_model_config
 
 
@@ -40,6 +58,40 @@ def run(samples, cost, dp, balance, buffer_size):
                          for rank in st]) for st in steps]
     return {"steps": len(steps), "mean": sum(ratios) / len(ratios), "worst": max(ratios),
             "eff": bs.stats.efficiency, "rate": bs.stats.samples / dt}
+
+
+def run_wired(samples, cost, dp, buffer_size, target=1.01):
+    """Per-rank packing, then the swaps RowExchange plans (see the module docstring)."""
+    cfg = PackingConfig(8192, 16, 32768, truncate_text=True)
+    infos = {s.id: s for s in samples}
+    per = 128 // dp
+    t0 = time.perf_counter()
+    stats = PackingStats(seq_length=8192)
+    streams = []
+    for r in range(dp):
+        mine, rows = samples[r::dp], []
+        for a in range(0, len(mine), buffer_size):
+            res = pack_samples(mine[a:a + buffer_size], cfg)
+            stats += res.stats
+            rows += [(row, cost.row_cost(row, infos)) for row in res.rows]
+        streams.append(rows)
+    steps = min(len(x) for x in streams) // per
+    before, after, moved = [], [], 0
+    for st in range(steps):
+        costs = [[c for _, c in x[st * per:(st + 1) * per]] for x in streams]
+        plan = swap_plan(costs, [[0] * per] * dp, target)
+        got = apply_swaps(costs, plan)
+        ids = apply_swaps([[(r, k) for k in range(per)] for r in range(dp)], plan)
+        moved += sum(r != rr for rr, x in enumerate(ids) for r, _ in x)
+        before.append(imbalance([sum(c) for c in costs]))
+        after.append(imbalance([sum(c) for c in got]))
+    dt = time.perf_counter() - t0
+    out = {}
+    for name, ratios in (("per-rank", before), ("swapped", after)):
+        out[name] = {"steps": steps, "mean": sum(ratios) / len(ratios), "worst": max(ratios),
+                     "eff": stats.efficiency, "rate": stats.samples / dt,
+                     "moved": moved / (steps * 128) if name == "swapped" else 0.0}
+    return out
 
 
 def main() -> None:
@@ -64,6 +116,11 @@ def main() -> None:
                       f"{r['mean']:>9.4f} {r['worst']:>7.4f} {r['eff']:>9.2%} "
                       f"{r['rate']:>10,.0f}" + (f"  ({r['rate'] / base['rate']:.2f}x)"
                                                 if balance else ""))
+            for name, r in run_wired(samples, cost, dp, a.buffer_size).items():
+                print(f"{model + ' DP' + str(dp):<10} {name:<11} {r['steps']:>5} "
+                      f"{r['mean']:>9.4f} {r['worst']:>7.4f} {r['eff']:>9.2%} "
+                      f"{r['rate']:>10,.0f}" + (f"  moved {r['moved']:.1%}"
+                                                if name == "swapped" else ""))
 
 
 if __name__ == "__main__":

@@ -359,7 +359,22 @@ class DataConfig:
     """Path of tokenizer.json or a SentencePiece model."""
 
     num_workers: int = 0
-    """Data-loader worker processes per rank."""
+    """Data-loader worker processes per loader of a reading rank."""
+
+    load_once_per_mp_group: bool = True
+    """Only one rank per model-parallel group (TP rank 0 of the first pipeline stage) builds the
+    loaders, runs their workers and decodes; the others receive each batch by broadcast (the
+    media only on the first stage). false: every rank reads and decodes for itself."""
+
+    dp_balance: str = "none"
+    """'cost': the data-reading ranks swap whole micro-batches of a step (same modality group)
+    across the data-parallel ranks so that every rank's step compute (LLM + ViT + SAN-M FLOPs
+    from the batch's lengths and grids) is about equal (data/dp_balance.py); rows are unchanged.
+    'none': every DP rank trains on the rows it read."""
+
+    dp_balance_target: float = 1.01
+    """With dp_balance=cost: swapping stops once the most-loaded rank is within this factor of
+    the mean (1.0: as far as swaps go; a little above moves far fewer micro-batches)."""
 
     seed: int = 1234
     """Shuffle seed."""
@@ -381,6 +396,9 @@ class DataConfig:
             f"data.media_backend must be auto|dali|cpu|dali_gpu|deferred, got "
             f"{self.media_backend!r}",
         )
+        _check(self.dp_balance in ("none", "cost"),
+               f"data.dp_balance must be none|cost, got {self.dp_balance!r}")
+        _check(self.dp_balance_target >= 1.0, "data.dp_balance_target must be >= 1.0")
         _check(len(self.modalities) > 0, "data.modalities must name at least one modality")
         known = {"text", "image", "video", "audio", "interleaved", "gen_audio", "gen_image"}
         bad = [m for m in self.modalities if m not in known]

@@ -24,9 +24,18 @@ order and takes the next ``ranks x micro_batches x mbs`` of them for each step. 
 chunk the oldest pending row came from and how many rows of it were already used: resuming
 re-packs that chunk (packing is a pure function of the chunk) and continues bit for bit.
 
-Not wired into ``data/loaders.py`` here (other work is changing it): a loader that sees all DP
-ranks' samples of a step (e.g. the one rank per model-parallel group that reads) feeds
-:class:`BalancedSteps` and hands rank ``r`` its ``step[r]``.
+In training (``data.dp_balance: cost``, wired in ``training/trainer.py``'s ``EnergonData``):
+Energon gives every DP rank its own shard slice and each rank packs its own rows, so no rank sees
+a step's samples of the others. :class:`RowExchange` therefore keeps the packing as it is and
+balances the step's micro-batches instead: the data-reading ranks all-gather the cost of every
+micro-batch of the step (:meth:`CostModel.batch_cost`, from the batch's ``cu_seqlens``, grids and
+audio lengths; a few floats per micro-batch), every one of them computes the same
+:func:`swap_plan` (from the identity: pairwise swaps of two micro-batches of the SAME modality
+group between the most-loaded rank and another while that lowers the maximum), and only the
+swapped micro-batches travel, point to point, before decoding (with deferred decoding they move
+still encoded). Exact resume needs nothing new: the plan is a pure function of the step's
+micro-batches and no row is held across a step boundary. :class:`BalancedSteps` (a global view
+with a look-ahead window) stays the reference for what a window could add; see BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -36,7 +45,11 @@ from typing import Any, Optional, Sequence
 
 from .packing import PackedRow, PackingConfig, PackingStats, SampleInfo, pack_samples
 
-__all__ = ["CostModel", "BalancedSteps", "balance_step", "imbalance", "contiguous_step"]
+__all__ = ["CostModel", "BalancedSteps", "RowExchange", "balance_step", "contiguous_step",
+           "imbalance", "swap_plan"]
+
+AUDIO_SAMPLES_PER_FRAME = 960
+"""16 kHz samples per SAN-M frame (10 ms hop x LFR 6), as the trainer's FLOP count uses."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,150 @@ class CostModel:
         through the layers too) + every sample's own cost (``infos``: id -> SampleInfo)."""
         return self.llm_per_token * row.seq_length + sum(
             self.sample_cost(infos[i], n) for i, n in zip(row.sample_ids, row.lengths))
+
+    def batch_cost(self, batch: dict) -> float:
+        """A loader micro-batch (``data/loaders.py`` batch dict, B rows of ``T`` tokens): the LLM's
+        linear work on all ``B*T`` positions + attention per real sample (padding segments left out,
+        as in :meth:`row_cost`) + the ViT per patch and per attention block (each image, each video
+        temporal slice) + SAN-M per frame and per clip."""
+        tokens = batch["tokens"]
+        T = int(tokens.shape[-1])
+        real = [int(n) for n in batch["num_tokens"].tolist()] if "num_tokens" in batch else None
+        cu = [int(x) for x in batch["cu_seqlens"].tolist()]
+        att = 0.0
+        for a, b in zip(cu[:-1], cu[1:]):
+            row = a // T
+            if real is not None and row < len(real) and a - row * T >= real[row]:
+                continue  # the row's padding segment
+            att += float(b - a) ** 2
+        c = self.llm_per_token * tokens.numel() + self.llm_per_sample_sq * att
+        grids = batch.get("vision_grid_thw")
+        for t, h, w in (grids.tolist() if grids is not None else []):
+            c += self.vit_per_patch * t * h * w + self.vit_per_block_sq * t * float(h * w) ** 2
+        lengths = batch.get("audio_lengths")
+        for n in (lengths.tolist() if lengths is not None else []):
+            f = max(1, int(n) // AUDIO_SAMPLES_PER_FRAME)
+            c += self.sanm_per_frame * f + self.sanm_per_clip_sq * float(f) ** 2
+        return c
+
+
+def swap_plan(costs: Sequence[Sequence[float]], groups: Sequence[Sequence[Any]],
+              target: float = 1.0, max_swaps: Optional[int] = None
+              ) -> list[tuple[int, int, int, int]]:
+    """Swaps ``(rank_a, slot_a, rank_b, slot_b)``, applied in order, that lower the most-loaded
+    rank's total while any helps and max/mean is above ``target`` (1.0: as far as swaps go; a
+    little above 1 moves fewer micro-batches for about the same step time).
+    ``costs[r][k]`` / ``groups[r][k]``: cost and group (modality) of slot k of rank r; only
+    slots of the same group swap, so every rank keeps its slots' groups. Starts from the
+    identity (nothing moves unless it pays); deterministic (ties to the lower index): every rank
+    computes the same plan from the same all-gathered costs."""
+    import numpy as np
+
+    ranks = len(costs)
+    flat = np.array([float(c) for row in costs for c in row])
+    owner = np.array([r for r, row in enumerate(costs) for _ in row])
+    slot = np.array([k for row in costs for k in range(len(row))])
+    keys = {g: i for i, g in enumerate(sorted({g for row in groups for g in row}, key=str))}
+    group = np.array([keys[g] for row in groups for g in row])
+    loads = np.zeros(ranks)
+    np.add.at(loads, owner, flat)
+    plan: list[tuple[int, int, int, int]] = []
+    limit = max_swaps if max_swaps is not None else 4 * len(flat)
+    mean = float(loads.mean()) if ranks else 0.0
+    while len(plan) < limit:
+        hi = int(np.argmax(loads))
+        if loads[hi] <= mean * target:
+            break
+        best = None
+        for a in np.nonzero(owner == hi)[0]:
+            cand = np.nonzero((owner != hi) & (group == group[a]))[0]
+            if not len(cand):
+                continue
+            d = flat[a] - flat[cand]
+            gap = loads[hi] - loads[owner[cand]]
+            score = np.maximum(loads[hi] - d, loads[owner[cand]] + d)
+            score[~((d > 0) & (d < gap))] = np.inf
+            k = int(np.argmin(score))
+            if np.isfinite(score[k]) and (best is None or score[k] < best[0] * (1 - 1e-12)):
+                best = (float(score[k]), int(a), int(cand[k]))
+        if best is None:
+            break
+        _, a, b = best
+        lo = int(owner[b])
+        plan.append((hi, int(slot[a]), lo, int(slot[b])))
+        d = flat[a] - flat[b]
+        loads[hi] -= d
+        loads[lo] += d
+        owner[a], owner[b] = lo, hi
+        slot[a], slot[b] = slot[b], slot[a]
+    return plan
+
+
+def apply_swaps(per_rank: Sequence[Sequence[Any]], plan) -> list[list[Any]]:
+    """What every rank holds after ``plan`` (a check and a simulation of :class:`RowExchange`)."""
+    out = [list(x) for x in per_rank]
+    for ra, sa, rb, sb in plan:
+        out[ra][sa], out[rb][sb] = out[rb][sb], out[ra][sa]
+    return out
+
+
+class RowExchange:
+    """Cost-balance a step's micro-batches across the data-parallel ranks (module docstring).
+
+    Collective over ``group`` (the data-reading ranks of the DP replicas); every member calls
+    :meth:`exchange` with its step ``{group name: [batch, ...]}`` (same names and counts on every
+    rank) and gets its balanced step back, batches in the same slots. ``moved`` counts the
+    micro-batches this rank sent."""
+
+    def __init__(self, cost: CostModel, group=None, target: float = 1.01) -> None:
+        import torch.distributed as dist
+
+        self.cost = cost
+        self.group = group
+        self.target = target
+        self.ranks = dist.get_process_group_ranks(group) if group is not None else \
+            list(range(dist.get_world_size()))
+        self.me = self.ranks.index(dist.get_rank())
+        self.moved = 0
+
+    def exchange(self, step: dict) -> dict:
+        import torch.distributed as dist
+
+        from .mp_broadcast import recv_batch, send_batch
+
+        failed = isinstance(step, BaseException)
+        if len(self.ranks) == 1:
+            if failed:
+                raise step
+            return step
+        names = [] if failed else sorted(step)
+        slots = [(m, k) for m in names for k in range(len(step[m]))]
+        mine = (f"{type(step).__name__}: {step}" if failed else
+                [self.cost.batch_cost(step[m][k]) for m, k in slots])
+        everyone: list = [None] * len(self.ranks)
+        dist.all_gather_object(everyone, mine, group=self.group)
+        bad = [(self.ranks[r], x) for r, x in enumerate(everyone) if isinstance(x, str)]
+        if failed:
+            raise step
+        if bad:
+            raise RuntimeError(f"data-reading rank {bad[0][0]} failed: {bad[0][1]}")
+        plan = swap_plan(everyone, [[m for m, _ in slots]] * len(self.ranks), self.target)
+        out = {m: list(step[m]) for m in names}
+        for ra, sa, rb, sb in plan:
+            if self.me not in (ra, rb):
+                continue
+            mine_slot, peer = (sa, rb) if self.me == ra else (sb, ra)
+            m, k = slots[mine_slot]
+            dst = self.ranks[peer]
+            if self.me < peer:  # the lower rank sends first: no two blocking sends meet
+                send_batch(out[m][k], dst, self.group)
+                got = recv_batch(dst, self.group)
+            else:
+                got = recv_batch(dst, self.group)
+                send_batch(out[m][k], dst, self.group)
+            out[m][k] = got
+            self.moved += 1
+        return out
 
 
 def imbalance(loads: Sequence[float]) -> float:

@@ -83,24 +83,47 @@ the ViT's segments (a device copy would only add a synchronisation)."""
 
 
 class EnergonData:
-    """Adapter: ``OmniLoaders`` -> the trainer's DataSource."""
+    """Adapter: ``OmniLoaders`` -> the trainer's DataSource.
+
+    With ``data.load_once_per_mp_group`` (default) only one rank per model-parallel group (TP
+    rank 0 of the first pipeline stage, ``data/mp_broadcast.py``) builds the loaders, runs their
+    worker processes and decodes (deferred media included, before the broadcast); every call is
+    collective over the model-parallel group and the other ranks receive what their stage needs.
+    The loader state is the reader's, shared at save time so that every rank's checkpoint file
+    holds it (a resume at another TP/PP layout, or with the setting switched, still finds it).
+    """
 
     def __init__(self, cfg: OmniConfig, tokenizer):
         from megatron.core import parallel_state as ps
 
         from ..data.loaders import OmniLoaders
 
+        self.feed = None
+        if cfg.data.load_once_per_mp_group:
+            from ..data.mp_broadcast import LoadOnceFeed
+
+            self.feed = LoadOnceFeed()
+        self.reads = self.feed is None or self.feed.is_reader
         # The DP rank is passed explicitly: every data-parallel rank must read its own slice.
         pref = cfg.alignment.preference_dataset if cfg.stage.name == "at" else None
         self.loaders = OmniLoaders(cfg.data, tokenizer, dp_rank=ps.get_data_parallel_rank(),
                                    dp_size=ps.get_data_parallel_world_size(),
                                    dp_group=ps.get_data_parallel_group(),
-                                   preference_modality=pref)
+                                   preference_modality=pref) if self.reads else None
         self.skipped_total = 0
+        self.exchange = None
+        if cfg.data.dp_balance == "cost" and ps.get_data_parallel_world_size() > 1 \
+                and self.reads:
+            from ..data.dp_balance import CostModel, RowExchange
+
+            self.exchange = RowExchange(CostModel.from_config(cfg),
+                                        ps.get_data_parallel_group(),
+                                        target=cfg.data.dp_balance_target)
+        self.balanced = cfg.data.dp_balance == "cost" and ps.get_data_parallel_world_size() > 1
         from ..data.media.deferred import make_training_decoder
 
         # Images/videos decoded here, on this process's GPU, when the loaders defer them.
-        self.decoder = make_training_decoder(cfg.data.media_backend)  # logs which path runs
+        self.decoder = make_training_decoder(cfg.data.media_backend) if self.reads else None
 
     def _decoded(self, b: dict, modality: str | None = None) -> dict:
         if self.decoder is None or "deferred_media" not in b:
@@ -113,23 +136,81 @@ class EnergonData:
                 self.loaders[modality].skipped[reason] += n - before.get(reason, 0)
         return b
 
-    def next(self, modality: str) -> dict:
+    def _read(self, modality: str, decode: bool = True) -> dict:
         b = self.loaders.next(modality)
         self.skipped_total += sum((b.get("skipped") or {}).values())
+        return self._decode_counted(b, modality) if decode else b
+
+    def _decode_counted(self, b: dict, modality: str) -> dict:
         if self.decoder is not None and "deferred_media" in b:
             n0 = sum((b.get("skipped") or {}).values())
             b = self._decoded(b, modality)
             self.skipped_total += sum(b["skipped"].values()) - n0
         return b
 
+    def next(self, modality: str) -> dict:
+        if self.feed is None:
+            return self._read(modality)
+        try:
+            b = self._read(modality) if self.reads else None
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank of the group by share
+            b = e
+        b = self.feed.share(b)
+        if not self.reads:  # the batch carries the reader's skip counts (decode included)
+            self.skipped_total += sum((b.get("skipped") or {}).values())
+        return b
+
+    def next_step(self, modalities, n: int) -> dict[str, list[dict]]:
+        """The ``n`` micro-batches of every modality group of one step. With
+        ``data.dp_balance: cost`` the reading ranks balance them across the data-parallel ranks
+        by compute cost (``data/dp_balance.py``: swapped whole, before decoding), then decode and
+        hand them to their model-parallel group."""
+        if not self.balanced:
+            return {m: [self.next(m) for _ in range(n)] for m in modalities}
+        step = None
+        if self.reads:
+            try:
+                raw = {m: [self._read(m, decode=False) for _ in range(n)] for m in modalities}
+            except Exception as e:  # noqa: BLE001 - raised on every reader by the exchange
+                raw = e
+            try:
+                step = self.exchange.exchange(raw)
+                step = {m: [self._decode_counted(b, m) for b in step[m]] for m in modalities}
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank of the group
+                step = e
+        if self.feed is None:
+            if isinstance(step, BaseException):
+                raise step
+            return step
+        if isinstance(step, BaseException):
+            self.feed.share(step)  # raises, here and on the receivers
+        out = {m: [self.feed.share(step[m][k] if self.reads else None) for k in range(n)]
+               for m in modalities}
+        # Swapped batches carry their origin's skip counts: the reader's own total is shared.
+        self.skipped_total = self.feed.share_object(self.skipped_total if self.reads else None)
+        return out
+
     def val_batches(self, modality: str, n: int) -> list[dict]:
-        return [self._decoded(b) for b in self.loaders.val_loader(modality, limit=n)]
+        if self.feed is None:
+            return [self._decoded(b) for b in self.loaders.val_loader(modality, limit=n)]
+        got = None
+        if self.reads:
+            try:
+                got = [self._decoded(b) for b in self.loaders.val_loader(modality, limit=n)]
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank by share_object
+                got = e
+        count = self.feed.share_object(
+            (got if isinstance(got, BaseException) else len(got)) if self.reads else None)
+        return [self.feed.share(got[i] if self.reads else None) for i in range(count)]
 
     def save_state(self) -> dict:
-        return {"loaders": self.loaders.save_state(), "skipped_total": self.skipped_total}
+        state = {"loaders": self.loaders.save_state(), "skipped_total": self.skipped_total} \
+            if self.reads else None
+        return state if self.feed is None else self.feed.share_object(state)
 
     def restore_state(self, state: dict) -> None:
-        self.loaders.restore_state(state["loaders"])
+        if self.loaders is not None:
+            self.loaders.restore_state(state["loaders"])
         self.skipped_total = state.get("skipped_total", 0)
 
 
@@ -300,10 +381,20 @@ class Trainer:
                 seqlens = [e - s for s, e in zip(cu[:-1], cu[1:]) if e > s]
                 grids = b["vision_grid_thw"].tolist() if b.get("vision_grid_thw") is not None \
                     else []
-                frames = [max(1, int(w.numel()) // 960) for w in (b.get("audio_waveforms") or [])]
+                waves = b.get("audio_waveforms")
+                lengths = [int(w.numel()) for w in waves] if waves is not None else \
+                    [int(n) for n in b.get("audio_lengths", torch.zeros(0)).tolist()]
+                frames = [max(1, n // 960) for n in lengths]  # later stages get no waveforms
                 total += omni_row_flops(self.cfg, seqlens, grids, frames).total
         return total * torch.distributed.get_world_size() / max(
             1, _model_parallel_size())
+
+    def _draw_step(self, n: int) -> dict[str, list[dict]]:
+        """The step's micro-batches per modality group (balanced across DP ranks when the data
+        source does that: ``EnergonData.next_step``)."""
+        if hasattr(self.data, "next_step"):
+            return self.data.next_step(self.modalities, n)
+        return {m: [self.data.next(m) for _ in range(n)] for m in self.modalities}
 
     def save(self) -> Optional[Path]:
         if not self.cfg.training.save:
@@ -406,8 +497,8 @@ class Trainer:
             self.preference_eval_start = self.preference_eval()
         while self.step < tr.train_iters:
             t0 = time.perf_counter()
-            groups = {m: [to_model_batch(self.data.next(m))
-                          for _ in range(tr.num_micro_batches)] for m in self.modalities}
+            groups = {m: [to_model_batch(b) for b in bs]
+                      for m, bs in self._draw_step(tr.num_micro_batches).items()}
             weights = self.current_weights()
             for m in self.model:
                 m.zero_grad_buffer()

@@ -119,3 +119,76 @@ def test_resume_is_exact(cost9b):
 def test_cost_model_needs_a_sequence_length():
     with pytest.raises(ValueError, match="seq_length"):
         CostModel.from_config(load_config("examples/tiny_llm.yaml").model)
+
+
+# ------------------------------------------------------------------ the wired path: RowExchange
+
+
+def test_batch_cost_of_a_loader_batch_equals_the_row_cost(cost9b):
+    import torch
+
+    s = SampleInfo("a", 3000, 2, 32 * 32 + 8 * 16 * 16, "video", (32 * 32,) + (16 * 16,) * 8,
+                   (150,))
+    other = SampleInfo("b", 1000, 0, 0, "text")
+    row = pack_samples([s, other], PackingConfig(8192)).rows[0]
+    batch = {"tokens": torch.zeros(1, 8192, dtype=torch.long),
+             "num_tokens": torch.tensor([4000]),
+             "cu_seqlens": torch.tensor([0, 3000, 4000, 8192], dtype=torch.int32),
+             "vision_grid_thw": torch.tensor([[1, 32, 32], [8, 16, 16]]),
+             "audio_lengths": torch.tensor([150 * 960 + 17])}
+    want = cost9b.row_cost(row, {"a": s, "b": other})
+    assert cost9b.batch_cost(batch) == pytest.approx(want, rel=1e-12)
+    # two rows in one micro-batch: the sum of both (the second row's padding left out too)
+    two = dict(batch, tokens=torch.zeros(2, 8192, dtype=torch.long),
+               num_tokens=torch.tensor([4000, 4000]),
+               cu_seqlens=torch.tensor([0, 3000, 4000, 8192, 11192, 12192, 16384],
+                                       dtype=torch.int32),
+               vision_grid_thw=torch.tensor([[1, 32, 32], [8, 16, 16]] * 2),
+               audio_lengths=torch.tensor([150 * 960] * 2))
+    assert cost9b.batch_cost(two) == pytest.approx(2 * want, rel=1e-12)
+
+
+def _rank_streams(samples, dp, cfg, buffer_size=512):
+    """What Energon + the packer give: rank r packs its own slice, chunk by chunk."""
+    out = []
+    for r in range(dp):
+        mine, rows = samples[r::dp], []
+        for a in range(0, len(mine), buffer_size):
+            rows += pack_samples(mine[a:a + buffer_size], cfg).rows
+        out.append(rows)
+    return out
+
+
+def test_swaps_balance_what_the_ranks_packed_on_a_fixed_seed(cost9b):
+    from megatron_omni.data.dp_balance import apply_swaps, swap_plan
+
+    cfg = PackingConfig(8192, 16, 32768, truncate_text=True)
+    samples = realistic_mix(4000, seed=5)
+    infos = {s.id: s for s in samples}
+    dp, per = 8, 8
+    streams = _rank_streams(samples, dp, cfg)
+    steps = min(len(x) for x in streams) // per
+    assert steps >= 5
+    worst_before = worst_after = 0.0
+    moved = 0
+    for st in range(steps):
+        rows = [x[st * per:(st + 1) * per] for x in streams]
+        groups = [["a", "b"] * (per // 2)] * dp  # two modality groups, alternating slots
+        costs = [[cost9b.row_cost(r, infos) for r in rank] for rank in rows]
+        plan = swap_plan(costs, groups, target=1.01)
+        assert plan == swap_plan(costs, groups, target=1.01)  # every rank plans the same
+        after = apply_swaps(rows, plan)
+        # every row exactly once, every slot keeps its group, rows themselves unchanged
+        assert sorted(id(r) for x in after for r in x) == sorted(id(r) for x in rows for r in x)
+        place = {id(r): k for x in rows for k, r in enumerate(x)}
+        assert all(groups[0][k] == groups[0][place[id(r)]] for x in after for k, r in
+                   enumerate(x))
+        moved += sum(a is not b for x, y in zip(rows, after) for a, b in zip(x, y))
+        worst_before = max(worst_before, imbalance([sum(c) for c in costs]))
+        worst_after = max(worst_after, imbalance(
+            [sum(cost9b.row_cost(r, infos) for r in x) for x in after]))
+    print(f"\nworst step max/mean: token-only {worst_before:.3f}, swapped {worst_after:.3f}, "
+          f"{moved / (steps * dp * per):.1%} of the rows moved")
+    assert worst_before > 1.05
+    assert worst_after <= 1.05
+    assert moved < steps * dp * per / 2  # only what pays moves
