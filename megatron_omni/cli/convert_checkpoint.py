@@ -285,7 +285,7 @@ def main(argv=None) -> int:
 
     import_megatron_fast()
     from megatron_omni.config import ConfigError
-    from megatron_omni.convert.param_map import ConversionError
+    from megatron_omni.models.weight_maps.core import ConversionError
 
     try:
         if args.command == "import":

@@ -336,8 +336,8 @@ def _build_llm(cfg, device):
 
 def stage_llm_te_vs_local(ctx: Ctx) -> dict:
     ensure_runtime()
-    from megatron_omni.convert.qwen2vl import from_te_layout
     from megatron_omni.models.llm import load_full_llm_state
+    from megatron_omni.models.weight_maps.sharding import from_te_layout
 
     base = ["model.transformer_impl=local"]
     ref_cfg = tiny_cfg(*base, gpu=ctx.cuda, vision=False, audio=False)
@@ -644,8 +644,8 @@ def stage_llm_throughput(ctx: Ctx) -> dict:
     torch = ctx.torch
     transformers = need("transformers")
     from megatron_omni.config import load_config
-    from megatron_omni.convert.llama import hf_to_megatron, llm_config_from_hf
     from megatron_omni.models.llm import load_full_llm_state
+    from megatron_omni.models.weight_maps.llm import hf_to_megatron, llm_config_from_hf
     from megatron_omni.training.flops import llm_flops, mfu, peak_flops
 
     if ctx.cuda:

@@ -14,10 +14,10 @@ task encoder (:class:`OmniTaskEncoder`) plugged into its hooks::
             ``batch["deferred_media"]``; the training process decodes them on its GPU
       --batch / encode_batch--> the batch dict (below)
 
-So packing never waits for decoding (DESIGN.md principle 4) and only the samples that made it
-into a row are decoded. Everything a sample can fail on at this point (damaged media that passed
-the header probe, a token count that no longer matches, a sample too long for ``seq_length``) is
-skipped and counted per reason, never raised (principle 6); the counts arrive with the batches
+So packing never waits for decoding (docs/architecture.md principle 4) and only the samples that
+made it into a row are decoded. Everything a sample can fail on at this point (damaged media that
+passed the header probe, a token count that no longer matches, a sample too long for ``seq_length``)
+is skipped and counted per reason, never raised (principle 6); the counts arrive with the batches
 (``batch["skipped"]``) and are summed in :attr:`ModalityLoader.skipped`.
 
 The batch dict (B = ``DataConfig.micro_batch_size`` rows of T = ``seq_length`` tokens):

@@ -1,13 +1,13 @@
 """Raw JSONL + media files -> Megatron-Energon WebDataset shards, one dataset per modality.
 
-The data path starts here (DESIGN.md, "the data path"): every line of ``<modality>.jsonl``
+The data path starts here (docs/architecture.md section 3): every line of ``<modality>.jsonl``
 (training) and ``<modality>_val.jsonl`` (held-out validation) is validated, its exact LLM token
 count is computed *without decoding any media*, and it is written, with the raw media bytes, into
 tar shards that Energon loads. The layout of the result (the on-disk format: folders, the
 sample record, ``omni.json``) and its readers live in :mod:`megatron_omni.data.format`.
 
 Validation, per line, cheapest first; the first failure skips the line with a reason
-(:data:`PREPROCESS_REASONS`) and never stops the job (DESIGN.md principle 6):
+(:data:`PREPROCESS_REASONS`) and never stops the job (docs/architecture.md principle 6):
 
 1. the line is UTF-8 (``bad_utf8``) and JSON (``bad_json``);
 2. the sample's structure templates (every ``templates.SKIP_REASONS`` reason, e.g.

@@ -1,6 +1,6 @@
 """The Qwen2-VL vision transformer ("NaViT", native resolution) on megatron-core modules.
 
-Pipeline of one forward (M2OMNI.md section 1, "vision encoder"):
+Pipeline of one forward (docs/recipe.md section 1, "vision encoder"):
 
 1. **Patch embedding.** Each row of ``pixel_patches`` is one 3-D patch, flattened in the order
    (channel, frame, y, x) = the layout of a Conv3d weight ``[width, C, 2, 14, 14]``. A Conv3d

@@ -283,7 +283,7 @@ def test_checkpoint_config_readers_follow_one_rule(prepared, monkeypatch, caplog
     from megatron_omni.config import ConfigError, to_dict
     from megatron_omni.config.loader import merge
     from megatron_omni.convert.checkpoint_io import MegatronCheckpointReader
-    from megatron_omni.convert.param_map import ConversionError
+    from megatron_omni.models.weight_maps.core import ConversionError
     from megatron_omni.training import checkpoint as ckpt
 
     real = dist_checkpointing.load_common_state_dict
