@@ -126,6 +126,18 @@ def _padded(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
+def _unflatten(buf, specs, sizes, structure, device):
+    """The tensors of a received flat byte buffer (``specs``: shape, dtype, device kind per
+    tensor; ``sizes``: their byte counts), put back into ``structure``."""
+    out, at = [], 0
+    for (shape, dt, kind), n in zip(specs, sizes):
+        piece = buf[at:at + n]
+        at += _padded(n)
+        t = piece.view(dt).reshape(shape) if n else torch.empty(shape, dtype=dt, device=device)
+        out.append(t.to(_device_of(kind)))
+    return _unpack(structure, out[::-1])
+
+
 def _comm_device(group) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -167,13 +179,7 @@ def broadcast_batch(batch: Any, src: int, group=None) -> Any:
     dist.broadcast(buf, src=src, group=group)
     if is_src:
         return batch
-    out, at = [], 0
-    for (shape, dt, kind), n in zip(specs, sizes):
-        piece = buf[at:at + n]
-        at += _padded(n)
-        t = piece.view(dt).reshape(shape) if n else torch.empty(shape, dtype=dt, device=device)
-        out.append(t.to(_device_of(kind)))
-    return _unpack(structure, out[::-1])
+    return _unflatten(buf, specs, sizes, structure, device)
 
 
 def send_batch(batch: Any, dst: int, group=None) -> None:
@@ -207,13 +213,7 @@ def recv_batch(src: int, group=None) -> Any:
     device = _comm_device(group)
     buf = torch.empty(sum(_padded(n) for n in sizes), dtype=torch.uint8, device=device)
     dist.recv(buf, src=src, group=group)
-    out, at = [], 0
-    for (shape, dt, kind), n in zip(specs, sizes):
-        piece = buf[at:at + n]
-        at += _padded(n)
-        t = piece.view(dt).reshape(shape) if n else torch.empty(shape, dtype=dt, device=device)
-        out.append(t.to(_device_of(kind)))
-    return _unpack(structure, out[::-1])
+    return _unflatten(buf, specs, sizes, structure, device)
 
 
 def _device_of(kind: str) -> torch.device:
