@@ -167,6 +167,7 @@ def test_trainer_adapter_adds_decode_skips_to_the_loader_counts(data):
         data, _cfg(data, modalities=["image"], media_backend="deferred", packing_buffer_size=12)
     )
     src.decoder, src.skipped_total = TrainingDecoder(CPUBackend(), "cpu"), 0
+    src.feed, src.reads = None, True  # one process: it reads, nothing to broadcast
     hits = 0
     for _ in range(8):
         b = src.next("image")
