@@ -15,8 +15,9 @@ Examples:
     python tools/plan.py --config run.yaml parallel.first_stage_num_layers=8 --pp 8
 
 Layout flags that are not given come from the config (parallel.*, training.*, data.*). How the
-numbers are computed, and every assumed constant, is documented in megatron_omni/plan.py; the
-FLOP formulas in megatron_omni/training/flops.py. It is an estimate: real peaks differ by a few
+numbers are computed, and every assumed constant, is documented in megatron_omni/plan/
+(package docstring, hardware.py, schedule.py); the FLOP formulas in
+megatron_omni/training/flops.py. It is an estimate: real peaks differ by a few
 GiB (allocator, kernels' workspaces), so leave headroom.
 """
 
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--calibration", action="store_true",
                      help="print the planner vs every published Megatron-Core H100 row and exit")
     p.epilog = (f"Constants: fixed overhead {FIXED_OVERHEAD_GIB} GiB per GPU, compute efficiency "
-                f"{COMPUTE_EFFICIENCY}; see megatron_omni/plan.py.")
+                f"{COMPUTE_EFFICIENCY}; see megatron_omni/plan/hardware.py.")
     return p
 
 

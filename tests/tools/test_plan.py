@@ -1,5 +1,5 @@
 """Tests of the FLOP formulas (megatron_omni/training/flops.py) and the memory/throughput planner
-(megatron_omni/plan.py, tools/plan.py).
+(megatron_omni/plan/, megatron_omni/cli/plan.py).
 
 * FLOPs: a tiny LLM enumerated matmul by matmul, the same model run under torch's FlopCounterMode
   (forward + backward, exact), the 6*N*tokens rule, the ViT's patch scaling, SAN-M by hand.
