@@ -63,21 +63,27 @@ def patches(tag, n):
 # ------------------------------------------------------------------------------ worked example
 
 
+def _worked_example_prompt(tok):
+    """The worked example's ids up to the answer, written out token by token: system turn,
+    user turn with one 4-patch image and the question, then the assistant header."""
+    enc = lambda s: tok.encode(s, parse_special=False)  # noqa: E731
+    s = tok.special
+    sh, eh, eot = tok.start_header_id, tok.end_header_id, tok.eot_id
+    return ([tok.bos_id]
+            + [sh] + enc("system") + [eh] + enc("\n\n") + enc("Be brief.") + [eot]
+            + [sh] + enc("user") + [eh] + enc("\n\n")
+            + [s.image_start, s.image_patch, s.image_patch, s.image_patch, s.image_patch,
+               s.image_end]
+            + enc("\nWhat is this?") + [eot]
+            + [sh] + enc("assistant") + [eh] + enc("\n\n"))
+
+
 def test_worked_example_token_by_token(tok):
     sample = chat(("S", SYS), ("U", "<image>\nWhat is this?"), ("A", "A cat."),
                   images=["cat.jpg"])
     out = template_chat(sample, tok, image_tokens=[4])
-    enc = lambda s: tok.encode(s, parse_special=False)  # noqa: E731
-    s = tok.special
-    sh, eh, eot = tok.start_header_id, tok.end_header_id, tok.eot_id
-    prompt = ([tok.bos_id]
-              + [sh] + enc("system") + [eh] + enc("\n\n") + enc("Be brief.") + [eot]
-              + [sh] + enc("user") + [eh] + enc("\n\n")
-              + [s.image_start, s.image_patch, s.image_patch, s.image_patch, s.image_patch,
-                 s.image_end]
-              + enc("\nWhat is this?") + [eot]
-              + [sh] + enc("assistant") + [eh] + enc("\n\n"))
-    answer = enc("A cat.") + [eot]
+    prompt = _worked_example_prompt(tok)
+    answer = tok.encode("A cat.", parse_special=False) + [tok.eot_id]
     assert out.input_ids == prompt + answer
     assert out.labels == [IGNORE_INDEX] * len(prompt) + answer
     assert out.gen_image_spans == [] and out.gen_audio_spans == []
@@ -578,16 +584,7 @@ def test_generation_prompt_worked_example(tok):
     including) the answer's first token: ends with the assistant header, no answer, no eot."""
     question = chat(("S", SYS), ("U", "<image>\nWhat is this?"), images=["cat.jpg"])
     out = template_generation_prompt(question, tok, image_tokens=[4])
-    enc = lambda s: tok.encode(s, parse_special=False)  # noqa: E731
-    s = tok.special
-    sh, eh, eot = tok.start_header_id, tok.end_header_id, tok.eot_id
-    prompt = ([tok.bos_id]
-              + [sh] + enc("system") + [eh] + enc("\n\n") + enc("Be brief.") + [eot]
-              + [sh] + enc("user") + [eh] + enc("\n\n")
-              + [s.image_start, s.image_patch, s.image_patch, s.image_patch, s.image_patch,
-                 s.image_end]
-              + enc("\nWhat is this?") + [eot]
-              + [sh] + enc("assistant") + [eh] + enc("\n\n"))
+    prompt = _worked_example_prompt(tok)
     assert out.input_ids == prompt
     assert out.labels == [IGNORE_INDEX] * len(prompt)
     assert tok.decode(out.input_ids).endswith(
