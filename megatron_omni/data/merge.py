@@ -39,10 +39,12 @@ from pathlib import Path
 # The dataset format preprocessing writes (a light module: no media stack, no torch).
 from megatron_omni.data.format import (
     ENERGON_INDEX_FILES,
-    OMNI_META,
+    META_DIR,
     REPORT_NAME,
     SKIPPED_NAME,
     SPLITS,
+    load_omni_meta,
+    omni_meta_path,
     prepare_energon,
 )
 
@@ -59,7 +61,7 @@ class MergeError(RuntimeError):
 
 def _modality_dirs(part: Path) -> list[Path]:
     return sorted(d for d in part.iterdir()
-                  if d.is_dir() and (d / ".nv-meta" / OMNI_META).is_file())
+                  if d.is_dir() and omni_meta_path(d).is_file())
 
 
 def _split_name(name: str) -> tuple[str, str, str]:
@@ -123,7 +125,7 @@ def rekey_part(part: Path, prefix: str | None = None, progress: bool = False) ->
         for idx in ds.glob("*.tar.idx"):
             idx.unlink()
         for name in ENERGON_INDEX_FILES:
-            (ds / ".nv-meta" / name).unlink(missing_ok=True)
+            (ds / META_DIR / name).unlink(missing_ok=True)
     bar.close()
     marker.write_text(prefix + "\n")
     return n
@@ -178,8 +180,8 @@ def merge(out: Path, workers: int = 1, allow_missing: bool = False,
     report: dict = {"out_dir": str(out), "parts": [p.name for p in parts], "settings": None,
                     "written": 0, "skipped": Counter(), "datasets": {}, "modalities": {}}
     for m in modalities:
-        srcs = [p / m for p in parts if (p / m / ".nv-meta" / OMNI_META).is_file()]
-        metas = [json.loads((s / ".nv-meta" / OMNI_META).read_text()) for s in srcs]
+        srcs = [p / m for p in parts if omni_meta_path(p / m).is_file()]
+        metas = [load_omni_meta(s) for s in srcs]
         prints = {meta.get("fingerprint") for meta in metas}
         if len(prints) != 1:
             by = {s.parent.name: meta.get("fingerprint") for s, meta in zip(srcs, metas)}
@@ -189,7 +191,7 @@ def merge(out: Path, workers: int = 1, allow_missing: bool = False,
         if ds.is_dir():
             for old in list(ds.glob("train-*.tar*")) + list(ds.glob("val-*.tar*")):
                 old.unlink()
-            shutil.rmtree(ds / ".nv-meta", ignore_errors=True)
+            shutil.rmtree(ds / META_DIR, ignore_errors=True)
         ds.mkdir(parents=True, exist_ok=True)
         bar.set_postfix_str(f"{m}: linking shards")
         shards: list[str] = []
@@ -211,8 +213,12 @@ def merge(out: Path, workers: int = 1, allow_missing: bool = False,
         meta = dict(metas[0])
         meta["splits"] = {sp: sum(x.get("splits", {}).get(sp, 0) for x in metas)
                           for sp in SPLITS if any(sp in x.get("splits", {}) for x in metas)}
+        hist = {sp: sum((Counter(x.get("token_counts", {}).get(sp, {})) for x in metas),
+                        Counter()) for sp in SPLITS}
+        meta["token_counts"] = {sp: dict(sorted(h.items(), key=lambda kv: int(kv[0])))
+                                for sp, h in hist.items() if sp in meta["splits"]}
         meta["parts"] = [s.parent.name for s in srcs]
-        (ds / ".nv-meta" / OMNI_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        omni_meta_path(ds).write_text(json.dumps(meta, indent=2, sort_keys=True))
         report["datasets"][m] = str(ds)
     bar.close()
 

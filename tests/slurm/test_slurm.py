@@ -396,6 +396,8 @@ def test_preprocess_array_parts_and_merge(prepared):
         meta = json.loads((out / m / ".nv-meta" / "omni.json").read_text())
         assert meta["splits"] == {"train": 12, "val": 4}
         assert meta["parts"] == ["part-00000", "part-00001"]
+        # The token-length histogram covers every part (data.seq_length is checked against it).
+        assert {sp: sum(h.values()) for sp, h in meta["token_counts"].items()} == meta["splits"]
         assert sorted(p.name for p in out.joinpath(m).glob("*.tar")) == [
             "train-000000.tar", "train-000001.tar", "val-000000.tar"]
     # Keys are unique across parts (Energon's index requires it) and carry the part name.
@@ -440,7 +442,7 @@ def test_merge_parts_names_match_preprocess():
     from megatron_omni.data import format as dataset_format
     from megatron_omni.data import merge as merge_parts
 
-    for name in ("OMNI_META", "REPORT_NAME", "SKIPPED_NAME", "SPLITS"):
+    for name in ("META_DIR", "REPORT_NAME", "SKIPPED_NAME", "SPLITS"):  # omni.json: omni_meta_path
         assert getattr(merge_parts, name) == getattr(dataset_format, name), name
 
 
