@@ -368,14 +368,20 @@ def sample_form(sample: Any) -> str:
     return {"messages": "chat", "text": "text", "prompt": "preference"}[keys[0]]
 
 
-def _chat_plan(sample, tok, image_tokens, video_tokens, cfg) -> list[_Piece]:
-    turns = _check_messages(sample["messages"], need_assistant=True)
+def _message_speech(messages, tok) -> dict[int, list[int]]:
+    """Message index -> its checked ``speech_tokens`` (assistant messages only)."""
     speech: dict[int, list[int]] = {}
-    for i, m in enumerate(sample["messages"]):
+    for i, m in enumerate(messages):
         if "speech_tokens" in m:
             if m["role"] != "assistant":
                 raise SampleError("bad_speech_tokens", f"speech_tokens on a {m['role']} message")
             speech[i] = _check_speech(m["speech_tokens"], tok)
+    return speech
+
+
+def _chat_plan(sample, tok, image_tokens, video_tokens, cfg) -> list[_Piece]:
+    turns = _check_messages(sample["messages"], need_assistant=True)
+    speech = _message_speech(sample["messages"], tok)
     if sample.get("speech_tokens") is not None:
         last = max(i for i, (r, _) in enumerate(turns) if r == "assistant")
         if last in speech:
@@ -445,12 +451,7 @@ def _generation_prompt_plan(sample, tok, image_tokens, video_tokens, cfg) -> lis
     if sample.get("speech_tokens") is not None:
         raise SampleError("bad_speech_tokens", "a generation prompt has no answer to carry "
                           "speech_tokens; put them on an earlier assistant message")
-    speech: dict[int, list[int]] = {}
-    for i, m in enumerate(sample["messages"]):
-        if "speech_tokens" in m:
-            if m["role"] != "assistant":
-                raise SampleError("bad_speech_tokens", f"speech_tokens on a {m['role']} message")
-            speech[i] = _check_speech(m["speech_tokens"], tok)
+    speech = _message_speech(sample["messages"], tok)
     plan = _conversation_plan(tok, sample, turns, speech, image_tokens, video_tokens, cfg, False)
     return plan + [(_header(tok, "assistant"), False)]
 

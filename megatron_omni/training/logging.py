@@ -30,13 +30,10 @@ LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
 
 def launcher_rank(env: Optional[Mapping[str, str]] = None) -> int:
     """This process's global rank from torchrun (``RANK``) or Slurm (``SLURM_PROCID``), 0 when
-    neither launched it; the same precedence as ``parallel.runtime.dist_env_from_environ``."""
-    env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"])
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"])
-    return 0
+    neither launched it (``parallel.runtime.dist_env_from_environ``)."""
+    from ..parallel.runtime import dist_env_from_environ
+
+    return dist_env_from_environ(env).rank
 
 
 class _Handler(logging.StreamHandler):
