@@ -128,8 +128,6 @@ def merge(base: Mapping, over: Mapping) -> dict:
     return out
 
 
-_merge = merge  # the name the converters import
-
 
 def to_dict(cfg) -> dict:
     """Plain nested dict of a config (for YAML dumps and checkpoints)."""

@@ -608,15 +608,3 @@ class MegatronCheckpointReader:
 
         return lora_scale_from_config(self.raw_config)
 
-
-_LORA_NAMES = ("is_lora_name", "lora_pairs", "lora_scale_from_config", "merge_lora")
-
-
-def __getattr__(name: str):
-    """The LoRA merge helpers live in ``training/lora.py`` (next to the adapters; it imports
-    megatron-core, so they are re-exported here lazily, for the old import path)."""
-    if name in _LORA_NAMES:
-        from ..training import lora
-
-        return getattr(lora, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

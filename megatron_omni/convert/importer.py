@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import ConfigError, OmniConfig, from_dict, parse_overrides, validate
-from ..config.loader import _merge, _read_yaml
+from ..config.loader import merge, read_config_file
 from ..data.special_tokens import NUM_SPECIAL
 from ..models.weight_maps import audio as audio_map
 from ..models.weight_maps import llm as llm_map
@@ -191,8 +191,8 @@ def _rope_scaling_choice(source: bool, asked, where) -> bool:
 
 
 def _user_dict(req: ImportRequest) -> dict:
-    data = _read_yaml(Path(req.config)) if req.config else {}
-    return _merge(data, parse_overrides(req.overrides))
+    data = read_config_file(req.config) if req.config else {}
+    return merge(data, parse_overrides(req.overrides))
 
 
 def build_plan(req: ImportRequest) -> ImportPlan:
@@ -274,7 +274,7 @@ def build_plan(req: ImportRequest) -> ImportPlan:
     if conflicts:
         raise ConfigError("the config disagrees with the source checkpoints (drop these keys or "
                           "fix them):\n  - " + "\n  - ".join(conflicts))
-    data = _merge(user, derived)
+    data = merge(user, derived)
     par = data.setdefault("parallel", {})
     if req.tp is not None:
         par["tensor_model_parallel_size"] = req.tp
@@ -310,7 +310,7 @@ def build_plan(req: ImportRequest) -> ImportPlan:
                 src, prefix = sources["qwen2vl"]
                 links = vision_map.links(m.vision, "vision_model.", prefix)
                 check_source_keys(links, src.keys(), prefix, f"Qwen2-VL vision tower "
-                                  f"{req.qwen2vl}", ignore=("rotary_pos_emb.inv_freq",))
+                                  f"{req.qwen2vl}", ignore=vision_map.IGNORED_HF)
                 _check_shapes("Qwen2-VL vision tower", src, prefix,
                               vision_map.expected_hf_vision_shapes(m.vision,
                                                                    vision_out_hidden(cfg)))
@@ -412,7 +412,7 @@ def load_chunks(plan: ImportPlan, chunks: Sequence[torch.nn.Module], seed: int,
     for name, param in bar:
         hit = plan.lookup(name)
         if hit is None:
-            if not name.startswith(tuple(p + "." for p in PROJECTORS)):
+            if not name.startswith(omni_map.PROJECTORS):
                 counts["fresh"] += 1
             continue
         link, src = hit

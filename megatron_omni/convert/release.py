@@ -390,9 +390,9 @@ def omni_config_from_release(config: Union[Mapping, str, Path], overrides: Itera
         path = Path(config)
         path = path / "config.json" if path.is_dir() else path
         config = json.loads(path.read_text())
-    from ..config.loader import _merge
+    from ..config.loader import merge
 
-    data = _merge({"model": release_model_dict(config, keys)}, parse_overrides(overrides))
+    data = merge({"model": release_model_dict(config, keys)}, parse_overrides(overrides))
     cfg = from_dict(OmniConfig, data)
     validate(cfg)
     return cfg

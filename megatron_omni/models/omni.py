@@ -36,12 +36,7 @@ from .llm import build_llm, llm_transformer_config
 from .projector import build_projector
 
 # The omni model's weight map (TP split rule, pipeline placement): weight_maps/omni.py.
-from .weight_maps.omni import (  # noqa: F401 - re-exported for callers of this module
-    OMNI_FIRST_STAGE,
-    OMNI_LAST_STAGE,
-    omni_gated,
-    omni_stage_state_dict,
-)
+from .weight_maps.omni import omni_stage_state_dict
 
 AUDIO_SAMPLE_RATE = 16000
 

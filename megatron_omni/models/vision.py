@@ -354,7 +354,8 @@ class VisionEncoder(MegatronModule):
         rule of the ViT's weight map, :mod:`.weight_maps.vision`)."""
         from megatron.core import parallel_state as ps
 
-        from .weight_maps.vision import shard_vision_state_dict, to_te_layout
+        from .weight_maps.sharding import to_te_layout
+        from .weight_maps.vision import shard_vision_state_dict
 
         local = shard_vision_state_dict(full, ps.get_tensor_model_parallel_rank(),
                                         ps.get_tensor_model_parallel_world_size())

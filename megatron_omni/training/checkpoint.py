@@ -124,6 +124,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..parallel.device import comm_device
 from . import ckpt_integrity as integrity
 from . import safe_state
 
@@ -793,13 +794,6 @@ def _matches(key: str, prefixes: Sequence[str]) -> bool:
     return any(key.startswith(p) if not p.startswith("*") else p[1:] in key for p in prefixes)
 
 
-def _comm_device(group=None):
-    """Where tensors for collectives must live (the one rule of ``parallel/device.py``)."""
-    from ..parallel.device import comm_device
-
-    return comm_device(group)
-
-
 def _gather_union(items: Iterable[str]) -> list[str]:
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, sorted(set(items)))
@@ -818,7 +812,7 @@ def _mismatches(sd: dict, ckpt: Path) -> tuple[list[str], list[str]]:
     pre, _, _ = load_preprocess(sd)
     requested = {v.key for v in nested_values(pre) if isinstance(v, ShardedBase)}
     saved = sorted({v.key for v in load_sharded_metadata(str(ckpt)).values()})
-    used = torch.tensor([k in requested for k in saved], dtype=torch.uint8, device=_comm_device())
+    used = torch.tensor([k in requested for k in saved], dtype=torch.uint8, device=comm_device())
     if used.numel():
         torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX)
     absent = _gather_union(requested.difference(saved))

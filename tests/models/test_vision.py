@@ -21,13 +21,11 @@ from megatron_omni.models.vision import (
     vision_rotary_positions,
     vision_transformer_config,
 )
-from megatron_omni.models.weight_maps.sharding import partition_dim
+from megatron_omni.models.weight_maps.sharding import from_te_layout, partition_dim, to_te_layout
 from megatron_omni.models.weight_maps.vision import (
     expected_hf_vision_shapes,
-    from_te_layout,
     hf_to_vision,
     shard_vision_state_dict,
-    to_te_layout,
     unshard_vision_state_dict,
     vision_config_from_hf,
     vision_to_hf,

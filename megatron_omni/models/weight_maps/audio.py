@@ -21,7 +21,7 @@ and produces garbage.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 
@@ -56,17 +56,7 @@ def links(config: SANMConfig, ours: str = "", hf: str = FUNASR_PREFIX) -> list[L
     """Our SAN-M encoder (``ours`` prefix: ``"audio_model."`` inside the omni model) <-> FunASR
     (``hf``: ``encoder.``) / the release (``audio_model.encoder.``): same parameter names,
     prefix change only."""
-    return sanm_links(expected_sanm_shapes(config), ours, hf)
-
-
-def sanm_links(names: Iterable[str], ours: str = "audio_model.", hf: str = FUNASR_PREFIX
-               ) -> list[Link]:
-    """:func:`links` for given ``SANMEncoder`` state-dict keys ``names``."""
-    return [Link(ours + n, (hf + n,)) for n in names]
-
-
-def sanm_param_names(config: SANMConfig) -> list[str]:
-    return list(expected_sanm_shapes(config))
+    return [Link(ours + n, (hf + n,)) for n in expected_sanm_shapes(config)]
 
 
 def gated(name: str) -> bool:

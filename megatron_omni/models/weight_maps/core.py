@@ -84,12 +84,6 @@ class Piece:
     mean_of: Optional[str] = None
 
 
-def prefixed(links: Iterable[Link], ours: str = "", hf: str = "") -> list[Link]:
-    """The same links with ``ours`` / ``hf`` put in front of the names."""
-    return [Link(ours + link.ours, tuple(hf + k for k in link.hf), link.kind, link.heads,
-                 link.groups, link.head_dim, link.vocab) for link in links]
-
-
 # --- strict key checks ---------------------------------------------------------------------------
 
 MAX_LISTED = 20

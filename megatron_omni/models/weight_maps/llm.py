@@ -67,7 +67,6 @@ def links(llm: LLMConfig, ours: str = "", hf: str = "") -> list[Link]:
     return out
 
 
-llama_links = links  # the name the conversion code has always used
 
 
 def gated(name: str) -> bool:
@@ -162,6 +161,3 @@ def llm_config_from_hf(hf_config: Mapping) -> LLMConfig:
         max_position_embeddings=hf_config.get("max_position_embeddings", 131072),
         untie_embeddings_and_output_weights=not hf_config.get("tie_word_embeddings", False),
     )
-
-
-config_from_hf = llm_config_from_hf

@@ -36,7 +36,7 @@ import torch
 
 from ...config.schema import VisionConfig
 from .core import DictSource, Link, export_state, full_from_plans, key_problems, same_shape
-from .sharding import from_te_layout, shard_tensor, to_te_layout, unshard_tensor
+from .sharding import from_te_layout, shard_tensor, unshard_tensor
 
 __all__ = [
     "links",
@@ -49,13 +49,11 @@ __all__ = [
     "vision_config_from_hf",
     "shard_vision_state_dict",
     "unshard_vision_state_dict",
-    "to_te_layout",  # re-exported from .sharding
-    "from_te_layout",
 ]
 
 QWEN2VL_PREFIX = "visual."
 RELEASE_PREFIX = "vision_model."
-_IGNORED_HF = ("rotary_pos_emb.inv_freq",)  # non-persistent buffer some old checkpoints hold
+IGNORED_HF = ("rotary_pos_emb.inv_freq",)  # non-persistent buffer some old checkpoints hold
 StateDict = dict[str, torch.Tensor]
 
 _LAYER_MAP = (  # (HF name inside blocks.N., our name inside transformer.layers.N.)
@@ -105,7 +103,6 @@ def links(vision: VisionConfig, ours: str = "", hf: str = "") -> list[Link]:
     return out
 
 
-vision_links = links  # the name the conversion code has always used
 
 
 def gated(name: str) -> bool:
@@ -163,7 +160,7 @@ def hf_to_vision(state: Mapping[str, torch.Tensor], vision: VisionConfig,
     is checked when given or set in ``vision.merger_hidden_size``.
     """
     ours = {k[len(prefix):]: v for k, v in state.items()
-            if k.startswith(prefix) and not k.endswith(_IGNORED_HF)}
+            if k.startswith(prefix) and not k.endswith(IGNORED_HF)}
     if prefix and not ours:
         raise ValueError(f"no keys start with {prefix!r}; is this a Qwen2-VL vision checkpoint? "
                          f"(first keys: {', '.join(list(state)[:5])})")
