@@ -183,8 +183,9 @@ def rel_err(a, b) -> float:
 
 
 def tiny_cfg(*extra, gpu: bool, vision=True, audio=True):
-    from megatron_omni.config import load_config
-    from megatron_omni.testing.omni_batch import TINY_OMNI
+    """The tests' tiny omni config; on a GPU a wider LLM (head dim 64, so M-RoPE's sections
+    [8, 12, 12] cover its 32 rotary pairs)."""
+    from megatron_omni.testing.omni_batch import tiny_omni_cfg
 
     size = (
         [
@@ -193,20 +194,12 @@ def tiny_cfg(*extra, gpu: bool, vision=True, audio=True):
             "model.llm.ffn_hidden_size=704",
             "model.llm.num_attention_heads=4",
             "model.llm.num_query_groups=2",
+            "model.llm.mrope_section=[8,12,12]",
         ]
         if gpu
         else []
     )
-    return load_config(
-        None,
-        TINY_OMNI
-        + size
-        + [
-            f"model.vision.enabled={str(vision).lower()}",
-            f"model.audio.enabled={str(audio).lower()}",
-            *extra,
-        ],
-    )
+    return tiny_omni_cfg(*size, *extra, vision=vision, audio=audio)
 
 
 def packed_row(cfg, device, seed=0, **kw):
@@ -337,7 +330,7 @@ def _build_llm(cfg, device):
 def stage_llm_te_vs_local(ctx: Ctx) -> dict:
     ensure_runtime()
     from megatron_omni.models.llm import load_full_llm_state
-    from megatron_omni.models.weight_maps.sharding import from_te_layout
+    from megatron_omni.models.weight_maps.sharding import local_name
 
     base = ["model.transformer_impl=local"]
     ref_cfg = tiny_cfg(*base, gpu=ctx.cuda, vision=False, audio=False)
@@ -361,7 +354,7 @@ def stage_llm_te_vs_local(ctx: Ctx) -> dict:
         m = _build_llm(cfg, ctx.device)
         load_full_llm_state(m, full)
         loss, grads, _ = llm_loss_and_grads(m, b)
-        grads = {next(iter(from_te_layout({k: None}))): g for k, g in grads.items()}
+        grads = {local_name(k): g for k, g in grads.items()}
         shared = [k for k in ref_grads if k in grads]
         gerr = max(rel_err(grads[k], ref_grads[k]) for k in shared)
         errs[impl] = (abs(loss - ref_loss) / abs(ref_loss), gerr)
@@ -579,19 +572,23 @@ def _lm_data(torch, vocab, seq, steps, device, seed=0):
     return rows
 
 
+FP8_SHAPE = [
+    "model.llm.num_layers=12",
+    "model.llm.hidden_size=1536",
+    "model.llm.ffn_hidden_size=4096",
+    "model.llm.num_attention_heads=16",
+    "model.llm.num_query_groups=4",
+    "model.llm.vocab_size=32000",
+    "model.llm.mrope_section=[12,18,18]",  # head dim 96: 48 rotary pairs
+]
+"""The LLM of the FP8-vs-BF16 stage on a GPU (large enough for FP8 GEMMs to matter)."""
+
+
 def stage_fp8_vs_bf16(ctx: Ctx) -> dict:
     ensure_runtime()
     torch = ctx.torch
     if ctx.fp8():
-        shape = [
-            "model.llm.num_layers=12",
-            "model.llm.hidden_size=1536",
-            "model.llm.ffn_hidden_size=4096",
-            "model.llm.num_attention_heads=16",
-            "model.llm.num_query_groups=4",
-            "model.llm.vocab_size=32000",
-        ]
-        seq, steps, impl = 2048, 40, "transformer_engine"
+        shape, seq, steps, impl = FP8_SHAPE, 2048, 40, "transformer_engine"
     else:
         shape, seq, steps, impl = [], 64, 3, "local"
     curves, params = {}, 0

@@ -59,3 +59,16 @@ def test_pins_and_help():
     assert "-m megatron_omni.cli.gpu_check" in makefile
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     assert gpu_check.BASE_IMAGE in dockerfile
+
+
+@pytest.mark.parametrize("vision,audio", [(True, True), (False, False)])
+def test_gpu_sized_config_is_valid(vision, audio):
+    """The GPU run's wider LLM (head dim 64) must pass config validation on any machine; the
+    dry run above only builds the CPU-sized one."""
+    cfg = gpu_check.tiny_cfg(gpu=True, vision=vision, audio=audio)
+    llm = cfg.model.llm
+    assert llm.hidden_size == 256 and 2 * sum(llm.mrope_section) == llm.hidden_size // 4
+    # The FP8 stage's shape (its bf16 leg; fp8 itself needs Transformer Engine to validate).
+    big = gpu_check.tiny_cfg("training.bf16=true", *gpu_check.FP8_SHAPE, gpu=True,
+                             vision=False, audio=False)
+    assert big.model.llm.hidden_size == 1536
