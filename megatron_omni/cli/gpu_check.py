@@ -58,13 +58,14 @@ PINS = {
     "cudnn": (">=", "9.0"),
     "nccl": (">=", "2.21"),
 }
+"""What megatron-core 0.16.1 supports (its ``dev`` extra pins transformer-engine >=2.9,<2.12;
+torch >= 2.6) and what this project is tested with."""
 
 
 def _wanted(pin: tuple) -> str:
     """A pin as pip would write it: ("range", lo, hi) -> ">=lo,<hi"; ("==", v) -> "==v"."""
     return f">={pin[1]},<{pin[2]}" if pin[0] == "range" else pin[0] + pin[1]
-"""What megatron-core 0.16.1 supports (its ``dev`` extra pins transformer-engine >=2.9,<2.12;
-torch >= 2.6) and what this project is tested with."""
+
 
 WHEELS = """\
 Runs on a machine with only a CUDA PyTorch (Python 3.12, no package registry): stages whose

@@ -147,8 +147,8 @@ def plot_history(hist: RunHistory, out, title: str = "") -> Path:
     return out
 
 
-def plot_run(run_dir, out=None) -> Path:
-    """``RUN_DIR/losses.jsonl`` -> ``out`` (default ``RUN_DIR/losses.png``). Raises
+def load_run(run_dir) -> tuple[Path, RunHistory]:
+    """The history file of a run folder (or the file itself) and its parsed history. Raises
     FileNotFoundError without a history, ValueError when it holds no step."""
     run_dir = Path(run_dir)
     path = run_dir / HISTORY_NAME if run_dir.is_dir() else run_dir
@@ -158,6 +158,13 @@ def plot_run(run_dir, out=None) -> Path:
     hist = read_history(path)
     if not hist.steps:
         raise ValueError(f"{path} holds no step")
+    return path, hist
+
+
+def plot_run(run_dir, out=None) -> Path:
+    """``RUN_DIR/losses.jsonl`` -> ``out`` (default ``RUN_DIR/losses.png``); errors as
+    :func:`load_run`."""
+    path, hist = load_run(run_dir)
     out = Path(out) if out else path.parent / PLOT_NAME
     return plot_history(hist, out, title=str(path.parent))
 
@@ -170,14 +177,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help=f"PNG to write (default RUN_DIR/{PLOT_NAME})")
     a = p.parse_args(argv)
     try:
-        out = plot_run(a.run_dir, a.out)
+        path, hist = load_run(a.run_dir)
+        out = plot_history(hist, a.out or path.parent / PLOT_NAME, title=str(path.parent))
     except (FileNotFoundError, ValueError) as e:
         print(f"omni-plot: error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:
         print(f"omni-plot: error: {e}; pip install matplotlib", file=sys.stderr)
         return 2
-    bad = read_history(a.run_dir).bad_lines
+    bad = hist.bad_lines
     print(f"wrote {out}" + (f" ({bad} malformed line(s) of {HISTORY_NAME} skipped)" if bad else ""))
     return 0
 

@@ -34,32 +34,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["FIRST_STAGE_ONLY", "LAST_STAGE_ONLY", "LoadOnceFeed", "broadcast_batch",
+__all__ = ["FIRST_STAGE_ONLY", "LoadOnceFeed", "broadcast_batch",
            "reads_data", "recv_batch", "send_batch", "stage_batch", "stage_keys"]
 
 FIRST_STAGE_ONLY = ("vision_patches", "image_pixel_values", "video_pixel_values",
                     "audio_waveforms", "media")
 """Inputs only the first pipeline stage uses (the encoders' media; the bulk of a batch)."""
 
-LAST_STAGE_ONLY: tuple = ()
-"""Inputs only the last stage uses: none. ``labels`` and ``loss_mask`` are small and every stage
-needs them for the global token counts and loss reports of ``training/step.py``."""
 
 _FAILED = "__load_once_failed__"
 _ALIGN = 16  # bytes: every tensor starts aligned in the flat buffer (``view(dtype)`` needs it)
 
 
 def stage_keys(keys, pp_rank: int, pp_size: int) -> list[str]:
-    """The batch keys pipeline stage ``pp_rank`` of ``pp_size`` needs (in the given order)."""
-    first, last = pp_rank == 0, pp_rank == pp_size - 1
-    out = []
-    for k in keys:
-        if k in FIRST_STAGE_ONLY and not first:
-            continue
-        if k in LAST_STAGE_ONLY and not last:
-            continue
-        out.append(k)
-    return out
+    """The batch keys pipeline stage ``pp_rank`` of ``pp_size`` needs (in the given order): all
+    but the media on the later stages. (No key is last-stage only: ``labels`` and ``loss_mask``
+    are small and every stage needs them for the global token counts and loss reports of
+    ``training/step.py``.)"""
+    return [k for k in keys if pp_rank == 0 or k not in FIRST_STAGE_ONLY]
 
 
 def stage_batch(batch: dict, pp_rank: int, pp_size: int) -> dict:
@@ -119,7 +111,7 @@ def _nbytes(shape, dtype) -> int:
     n = 1
     for d in shape:
         n *= int(d)
-    return n * torch.empty((), dtype=dtype).element_size()
+    return n * dtype.itemsize
 
 
 def _padded(n: int) -> int:

@@ -372,6 +372,7 @@ class Trainer:
         return dict(self.weights)
 
     def _step_flops(self, groups: dict[str, list[dict]]) -> float:
+        from ..data.dp_balance import AUDIO_SAMPLES_PER_FRAME
         from .flops import omni_row_flops
 
         total = 0.0
@@ -384,7 +385,8 @@ class Trainer:
                 waves = b.get("audio_waveforms")
                 lengths = [int(w.numel()) for w in waves] if waves is not None else \
                     [int(n) for n in b.get("audio_lengths", torch.zeros(0)).tolist()]
-                frames = [max(1, n // 960) for n in lengths]  # later stages get no waveforms
+                # later stages get no waveforms, only their lengths
+                frames = [max(1, n // AUDIO_SAMPLES_PER_FRAME) for n in lengths]
                 total += omni_row_flops(self.cfg, seqlens, grids, frames).total
         return total * torch.distributed.get_world_size() / max(
             1, _model_parallel_size())
